@@ -1,0 +1,185 @@
+"""`vlad detect`, `vlad eval`, `vlad scorers` end to end with the tiny random backbone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlad.cli import main
+
+REPORT_FIELDS = {"path", "object", "scorer", "backbone", "pred_score", "normalized_score", "pred_label", "threshold",
+                 "regions", "overlay", "timings", "error"}  # fmt: skip
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+
+
+def test_detect_writes_report_and_overlays(sample_images, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["detect", str(sample_images), "--object", "bottle", "--backbone", "random:tiny",
+                 "--out", str(out), "--format", "json", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    rows = _rows(out)
+    assert printed["results"] == rows and printed["failed"] == 0
+    assert len(rows) == 3
+    for row in rows:
+        assert REPORT_FIELDS <= set(row)
+        assert row["error"] is None and row["object"] == "bottle" and row["scorer"] == "winclip"
+        overlay = Image.open(row["overlay"])
+        assert overlay.size == Image.open(row["path"]).size
+        assert row["threshold_source"] == "default"
+        assert any("random weights" in w for w in row["warnings"])
+
+
+def test_detect_with_refs_uses_few_shot_memory(sample_images, tmp_path, capsys):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for p in sorted(sample_images.iterdir())[:2]:
+        (refs / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    code = main(["detect", str(sample_images), "--object", "bottle", "--backbone", "random:tiny",
+                 "--refs", str(refs), "--out", str(out), "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "verdict" in text and "report:" in text
+    rows = _rows(out)
+    assert {r["threshold_source"] for r in rows} == {"calibrated"}
+
+
+def _bad_files(folder: Path) -> dict[str, str]:
+    good = folder / "good.png"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(good)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("not an image at all")
+    data = good.read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    Image.new("1", (30000, 30000)).save(folder / "bomb.png")
+    Image.fromarray(np.zeros((8, 400, 3), np.uint8)).save(folder / "sliver.png")
+    return {"empty.png": "empty", "text.png": "not an image", "truncated.png": "truncated|corrupt",
+            "bomb.png": "too large.*downscale", "sliver.png": "aspect ratio", "missing.png": "not found"}  # fmt: skip
+
+
+def test_detect_batch_with_bad_files_reports_each_and_scores_the_rest(tmp_path, capsys):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    expected = _bad_files(folder)
+    out = tmp_path / "out"
+    code = main(["detect", str(folder), str(folder / "missing.png"), "--object", "cap",
+                 "--backbone", "random:tiny", "--out", str(out), "--device", "cpu"])  # fmt: skip
+    assert code == 1
+    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    assert rows["good.png"]["error"] is None and rows["good.png"]["verdict"] in ("normal", "anomalous")
+    for name, pattern in expected.items():
+        assert rows[name]["error"], name
+        assert name in rows[name]["error"] or pattern == "not found"
+        import re
+
+        assert re.search(pattern, rows[name]["error"], re.IGNORECASE), (name, rows[name]["error"])
+        assert "\n" not in rows[name]["error"]
+    assert "failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--scorer", "nope"], "unknown scorer 'nope'; available: winclip"),
+        (["--backbone", "nonsense-spec"], "unknown backbone spec 'nonsense-spec'"),
+        (["--backbone", "random:NoSuchNet"], "unknown open_clip model 'NoSuchNet'"),
+    ],
+)
+def test_detect_usage_errors_exit_2(sample_images, tmp_path, capsys, argv, message):
+    code = main(["detect", str(sample_images), "--object", "x", "--out", str(tmp_path / "o"), *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_refs_without_images_exit_2(sample_images, tmp_path, capsys):
+    empty = tmp_path / "norefs"
+    empty.mkdir()
+    code = main(["detect", str(sample_images), "--object", "x", "--backbone", "random:tiny", "--refs", str(empty),
+                 "--out", str(tmp_path / "o")])  # fmt: skip
+    assert code == 2
+    assert "--refs: no images" in capsys.readouterr().err
+
+
+def test_empty_directory_and_bad_numbers_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["detect", str(empty), "--object", "x", "--backbone", "random:tiny"]) == 2
+    assert "contains no images" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["detect", str(empty), "--object", "x", "--threshold", "nan"])
+    assert exc.value.code == 2
+    assert "finite number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["detect", str(empty), "--object", "x", "--sensitivity", "3"])
+
+
+def test_scorers_lists_winclip(capsys):
+    assert main(["scorers"]) == 0
+    assert capsys.readouterr().out.startswith("winclip")
+
+
+@pytest.fixture(scope="module")
+def synthetic_mvtec(tmp_path_factory):
+    from vlad.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("mvtec")
+    make_synthetic_dataset(root, "tex", n_train=4, n_good=3, n_bad=3, size=64, kind="stripes", seed=3)
+    make_synthetic_dataset(root, "tiles", n_train=4, n_good=2, n_bad=2, size=64, kind="grid", seed=4)
+    return root
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_eval_on_mvtec_layout(synthetic_mvtec, tmp_path, capsys, shots):
+    out = tmp_path / "metrics.json"
+    code = main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--backbone", "random:tiny",
+                 "--shots", str(shots), "--out", str(out), "--legacy-aupro", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "tex" in table and "tiles" in table and "mean" in table
+    data = json.loads(out.read_text())
+    assert set(data["per_category"]) == {"tex", "tiles"}
+    keys = {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro",
+            "aupro_legacy"}  # fmt: skip
+    assert keys <= set(data["mean"])
+    for cat in data["per_category"].values():
+        assert cat["n_images"] in (4, 6) and cat["failed"] == []
+        assert all(v is None or 0.0 <= v <= 1.0 for v in cat["metrics"].values())
+    assert data["settings"]["shots"] == shots and data["settings"]["references"] == shots
+
+
+def test_eval_limit_keeps_both_classes(synthetic_mvtec, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "tex", "--limit", "2",
+                 "--backbone", "random:tiny", "--out", str(out)]) == 0  # fmt: skip
+    cat = json.loads(out.read_text())["per_category"]["tex"]
+    assert cat["n_images"] == 2 and cat["n_anomalous"] == 1
+
+
+def test_eval_unknown_category_and_layout(synthetic_mvtec, capsys):
+    assert main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "nope",
+                 "--backbone", "random:tiny"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "nope" in err and "tex" in err
+    with pytest.raises(SystemExit):
+        main(["eval", "--root", str(synthetic_mvtec), "--layout", "coco"])
+
+
+def test_console_script_and_benchmark_run(sample_images, tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "vlad.cli", "scorers"], capture_output=True, text=True, check=True)
+    assert "winclip" in proc.stdout
+    bench = subprocess.run([sys.executable, str(root / "benchmarks" / "speed.py"), "--backbone", "random:tiny",
+                            "--repeats", "1", "--device", "cpu"], capture_output=True, text=True, check=True)  # fmt: skip
+    line = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert line["scorer"] == "winclip" and line["images_per_s"] > 0 and line["overhead_ratio"] > 1

@@ -1,0 +1,70 @@
+"""The Python API: one object that loads a scorer once and inspects images.
+
+Example:
+    >>> from vlad import Detector
+    >>> det = Detector("winclip", backbone="random:tiny")  # doctest: +SKIP
+    >>> result = det.detect("part.png", object_name="bottle")  # doctest: +SKIP
+    >>> result.pred_label, result.normalized_score, result.regions  # doctest: +SKIP
+    >>> det.overlay(result, "part.png").save("part_overlay.png")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from vlad.result import AnomalyResult
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vlad.scorers.base import ImageLike, Scorer
+
+
+class Detector:
+    """A scorer plus optional normal references, ready to inspect images of one or more products.
+
+    Args:
+        scorer: registry name (see :func:`vlad.list_scorers`).
+        backbone: backbone spec; the scorer's default if None.
+        references: normal reference images (paths, PIL images or arrays) for few-shot scoring.
+        object_name: the product name used when :meth:`detect` is not given one.
+        **scorer_kwargs: ``threshold``, ``sensitivity``, ``device``, ``image_size``, ... (see the scorer).
+    """
+
+    def __init__(
+        self,
+        scorer: str = "winclip",
+        *,
+        backbone: str | None = None,
+        references: Sequence[ImageLike] | None = None,
+        object_name: str = "object",
+        **scorer_kwargs: Any,
+    ) -> None:
+        from vlad.scorers import get_scorer
+
+        self.scorer: Scorer = get_scorer(scorer, backbone=backbone, **scorer_kwargs)
+        self.object_name = object_name
+        if references:
+            self.scorer.fit(references)
+
+    def fit(self, references: Sequence[ImageLike]) -> Detector:
+        """Use these normal references from now on (few-shot, calibrated threshold)."""
+        self.scorer.fit(references)
+        return self
+
+    def detect(self, image: ImageLike, object_name: str | None = None) -> AnomalyResult:
+        """Inspect one image."""
+        return self.scorer.score(image, object_name or self.object_name)
+
+    def detect_many(self, images: Sequence[ImageLike], object_name: str | None = None) -> list[AnomalyResult]:
+        """Inspect images of one product in batches."""
+        return self.scorer.score_many(images, object_name or self.object_name)
+
+    @staticmethod
+    def overlay(result: AnomalyResult, image: ImageLike) -> Image.Image:
+        """The heat map over the image with the predicted regions outlined in red."""
+        from vlad.scorers.base import as_pil
+        from vlad.viz import render_result
+
+        return render_result(as_pil(image), result)

@@ -1,0 +1,123 @@
+"""The ``vlad`` command line: ``detect``, ``eval``, ``scorers``.
+
+Exit codes: 0 all good; 1 some images failed (the report still holds all the others); 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vlad.errors import VladError
+
+logger = logging.getLogger("vlad")
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(VladError):
+    """A problem with the command line itself (exit code 2)."""
+
+
+# ---------------------------------------------------------------------- parser
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
+    return value
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--scorer", default="winclip", help="scorer name (see `vlad scorers`); default winclip")
+    g.add_argument("--backbone", default=None, help="backbone spec, e.g. openclip:ViT-B-16-plus-240@laion400m_e31, "
+                   "openclip:local-dir:/path, random:tiny; default: the scorer's")
+    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    g.add_argument("--image-size", type=_positive_int, default=None, help="model input side in pixels")
+    g.add_argument("--batch-size", type=_positive_int, default=8)
+    g.add_argument("--threshold", type=_finite_float, default=None, help="image and pixel threshold, raw units")
+    g.add_argument("--sensitivity", type=_unit_float, default=0.5, help="0..1, higher flags more (default 0.5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlad", description="Zero-shot anomaly detection for product images.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("detect", help="score images: anomaly maps, scores, regions, overlays")
+    d.add_argument("inputs", nargs="+", help="image files and/or directories")
+    d.add_argument("--object", required=True, dest="object_name", help="product name, e.g. bottle")
+    d.add_argument("--refs", nargs="+", default=None, help="normal reference images or directories (few-shot)")
+    d.add_argument("--out", default="vlad-out", help="output directory (overlays and report.jsonl)")
+    d.add_argument("--format", choices=["table", "json"], default="table", help="what to print")
+    d.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
+    _add_model_options(d)
+
+    e = sub.add_parser("eval", help="evaluate a scorer on an MVTec AD / VisA / folder dataset")
+    e.add_argument("--root", required=True, help="dataset root")
+    e.add_argument("--layout", required=True, choices=["mvtec", "visa", "folder"])
+    e.add_argument("--category", nargs="+", default=None, help="categories (default: all)")
+    e.add_argument("--limit", type=_positive_int, default=None, help="at most N test images per category")
+    e.add_argument("--shots", type=int, default=0, help="normal train images per category as references (k-shot)")
+    e.add_argument("--seed", type=int, default=0, help="seed for choosing references and --limit subsets")
+    e.add_argument("--eval-size", type=_positive_int, default=None, help="side at which pixel metrics are computed "
+                   "(default: the scorer's input size)")
+    e.add_argument("--legacy-aupro", action="store_true", help="also report the 200-threshold paper-style AUPRO")
+    e.add_argument("--out", default=None, help="write the metrics JSON here")
+    _add_model_options(e)
+
+    sub.add_parser("scorers", help="list the scorers")
+    return parser
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from vlad.cli_commands import run_detect, run_eval, run_scorers
+
+    commands = {"detect": run_detect, "eval": run_eval, "scorers": run_scorers}
+    try:
+        return commands[args.command](args)
+    except VladError as exc:
+        print(f"vlad {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vlad: interrupted", file=sys.stderr)
+        return 130
+
+
+def emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Safe image and mask loading, and expansion of command-line inputs into image files.
+
+Every failure raises :class:`vlad.errors.ImageLoadError` with a one-line message naming the file, so a batch run can
+report the bad file and carry on. Size limits are checked from the file header before any pixel data is decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlad.errors import ConfigError, ImageLoadError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_ASPECT_RATIO",
+    "MAX_PIXELS",
+    "MIN_SIDE",
+    "expand_inputs",
+    "load_image",
+    "load_mask",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+"""File extensions (lower case) treated as images when a directory is expanded."""
+
+MAX_PIXELS = 64_000_000
+"""Largest accepted ``width * height``; bigger images are refused before decoding."""
+
+MAX_ASPECT_RATIO = 20.0
+"""Largest accepted ``long side / short side``."""
+
+MIN_SIDE = 8
+"""Smallest accepted width or height in pixels."""
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+_ALPHA_MODES = frozenset({"LA", "La", "RGBA", "RGBa", "PA"})
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Load an image file as an 8-bit RGB Pillow image with its EXIF orientation applied.
+
+    Mode handling: ``L`` and ``1`` are replicated to three channels; images with alpha (``LA``, ``RGBA``, ``PA`` and
+    ``P`` with a transparent colour) are composited onto a **black** background so transparent pixels are always
+    (0, 0, 0) rather than whatever colour happens to be stored under them; ``CMYK`` and other colour modes go through
+    Pillow's conversion. 16-bit modes (``I;16*``) are scaled by the full 16-bit range (value / 257, so 65535 -> 255
+    and relative brightness is kept across images); 32-bit integer ``I`` images are scaled the same way when all values
+    lie in 0..65535 and min-max normalised otherwise; 32-bit float ``F`` images are min-max normalised to 0..255.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        Pillow image of mode ``"RGB"``; ``np.asarray`` of it is uint8 (H, W, 3).
+
+    Raises:
+        ImageLoadError: The file is missing, a directory, empty, not an image, corrupt or truncated, larger than
+            ``MAX_PIXELS``, more elongated than ``MAX_ASPECT_RATIO``, or has a side shorter than ``MIN_SIDE``.
+    """
+    p = Path(path)
+    return _to_rgb(_open_checked(p), p)
+
+
+def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Load a ground-truth mask as a boolean array.
+
+    The mask's EXIF orientation is applied (as for images) and it is converted to 8-bit grey. Label-style masks whose
+    largest value is 1..127 (e.g. raw VisA masks storing small instance/class indices) are first mapped to 0/255 (any
+    non-zero value is anomalous). The grey mask is then resized with bilinear interpolation to ``size`` if given and
+    binarised with ``value > 127``.
+
+    Args:
+        path: Mask image file.
+        size: Target ``(width, height)``; None keeps the file's size.
+
+    Returns:
+        Boolean array of shape (H, W); True marks anomalous pixels.
+
+    Raises:
+        ImageLoadError: The file cannot be loaded (same cases as :func:`load_image`).
+        ConfigError: ``size`` is not a pair of positive integers.
+    """
+    p = Path(path)
+    target = _check_size(size)
+    im = _open_checked(p)
+    grey = np.asarray(_to_rgb(im, p).convert("L"))
+    peak = int(grey.max()) if grey.size else 0
+    if 0 < peak <= 127:
+        grey = np.where(grey > 0, 255, 0).astype(np.uint8)
+    mask_im = Image.fromarray(grey)
+    if target is not None and target != mask_im.size:
+        mask_im = mask_im.resize(target, resample=Image.Resampling.BILINEAR)
+    return np.asarray(mask_im) > 127
+
+
+def expand_inputs(
+    inputs: Sequence[str | Path] | str | Path, *, recursive: bool = True
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Turn files and directories given by the user into a list of image files plus a list of problems.
+
+    Directories are expanded to the files inside them whose extension is in ``IMAGE_EXTENSIONS`` (case-insensitive),
+    sorted, descending into subdirectories when ``recursive``; hidden entries (names starting with ".") are skipped.
+    A file given explicitly is kept whatever its extension (:func:`load_image` decides whether it is an image).
+    Duplicates (same resolved path) are dropped, keeping the first occurrence and the input order.
+
+    Args:
+        inputs: Files and/or directories. A single str or Path is treated as a one-element list.
+        recursive: Descend into subdirectories when expanding a directory.
+
+    Returns:
+        ``(files, problems)``: the files to process, and ``(path, message)`` pairs for inputs that were skipped
+        ("not found", or "directory contains no images (looked for ...)").
+    """
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+    for item in items:
+        p = Path(item)
+        if not p.exists():
+            problems.append((p, "not found"))
+            continue
+        found = _images_in_dir(p, recursive) if p.is_dir() else [p]
+        if not found:
+            problems.append((p, f"directory contains no images (looked for {', '.join(IMAGE_EXTENSIONS)})"))
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files, problems
+
+
+def _images_in_dir(directory: Path, recursive: bool) -> list[Path]:
+    """Sorted image files in ``directory`` (recursively if asked), skipping hidden files and folders."""
+    candidates = directory.rglob("*") if recursive else directory.iterdir()
+    out = []
+    for f in candidates:
+        rel_parts = f.relative_to(directory).parts
+        if any(part.startswith(".") for part in rel_parts):
+            continue
+        if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
+            out.append(f)
+    return sorted(out)
+
+
+def _check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Validate a ``(width, height)`` pair."""
+    if size is None:
+        return None
+    ok = isinstance(size, (tuple, list)) and len(size) == 2
+    ok = ok and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)
+    if not ok:
+        raise ConfigError(f"mask size must be a (width, height) pair of positive integers, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _open_checked(p: Path) -> Image.Image:
+    """Open ``p``, check its header-declared size and shape, decode it fully and apply its EXIF orientation.
+
+    Raises:
+        ImageLoadError: See :func:`load_image`.
+    """
+    _check_file(p)
+    try:
+        fh = p.open("rb")
+    except OSError as exc:
+        raise ImageLoadError(f"cannot open image file: {p} ({_one_line(exc)})") from None
+    with fh:  # we own the handle, so it is closed on every path, multi-frame files included
+        im = _open_header(fh, p)
+        _check_dimensions(im.size, p)
+        _decode(im, p)
+        _exif_transpose(im, p)
+    return im
+
+
+def _decode(im: Image.Image, p: Path) -> None:
+    """Decode the pixel data of an opened image, turning decoder failures into ImageLoadError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(p, exc) from None
+    except _DECODE_ERRORS as exc:
+        raise ImageLoadError(f"corrupt or truncated image: {p} ({_one_line(exc)})") from None
+
+
+def _check_file(p: Path) -> None:
+    """Raise if ``p`` is missing, a directory or an empty file."""
+    if not p.exists():
+        raise ImageLoadError(f"image not found: {p}")
+    if p.is_dir():
+        raise ImageLoadError(f"expected an image file but got a directory: {p}")
+    if p.stat().st_size == 0:
+        raise ImageLoadError(f"empty file (0 bytes), not an image: {p}")
+
+
+def _open_header(fh: BinaryIO, p: Path) -> Image.Image:
+    """``Image.open`` on an open file (reads the header only) with Pillow's errors turned into ImageLoadError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(fh)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(p, exc) from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"not an image file: {p} (Pillow cannot identify it)") from None
+    except _DECODE_ERRORS as exc:
+        raise ImageLoadError(f"cannot read image header: {p} ({_one_line(exc)})") from None
+
+
+def _check_dimensions(size: tuple[int, int], p: Path) -> None:
+    """Refuse images that are too large, too small or too elongated, using the header size only."""
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise ImageLoadError(
+            f"image too large: {p} is {w}x{h} = {w * h:,} pixels, over the limit of {MAX_PIXELS:,} pixels; "
+            "downscale it first"
+        )
+    if min(w, h) < MIN_SIDE:
+        raise ImageLoadError(f"image too small: {p} is {w}x{h}; each side must be at least {MIN_SIDE} pixels")
+    ratio = max(w, h) / min(w, h)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageLoadError(
+            f"extreme aspect ratio: {p} is {w}x{h} (ratio {ratio:.1f}, limit {MAX_ASPECT_RATIO:g}); "
+            "crop or tile it into less elongated pieces"
+        )
+
+
+def _bomb_error(p: Path, exc: BaseException) -> ImageLoadError:
+    """ImageLoadError for an image Pillow itself flags as a decompression bomb (its message carries the size)."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"has {int(found.group(1)):,} pixels" if found else f"is flagged by Pillow ({_one_line(exc)})"
+    return ImageLoadError(f"image too large: {p} {size}, over the limit of {MAX_PIXELS:,} pixels; downscale it first")
+
+
+def _one_line(exc: BaseException) -> str:
+    """Exception text squeezed onto one line."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _exif_transpose(im: Image.Image, p: Path) -> None:
+    """Apply the EXIF orientation tag in place; a malformed EXIF block is ignored with a warning."""
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except _DECODE_ERRORS + (KeyError, ZeroDivisionError) as exc:
+        logger.warning("ignoring unreadable EXIF orientation in %s (%s)", p, _one_line(exc))
+
+
+def _to_rgb(im: Image.Image, p: Path) -> Image.Image:
+    """Convert any supported Pillow mode to 8-bit RGB (see :func:`load_image` for the rules)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in _SIXTEEN_BIT_MODES or mode == "I" or mode == "F":
+        return Image.fromarray(_numeric_to_uint8(np.asarray(im), mode)).convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in _ALPHA_MODES:
+        return _composite_on_black(im)
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageLoadError(f"unsupported image mode {mode!r}: {p} ({_one_line(exc)})") from None
+
+
+def _composite_on_black(im: Image.Image) -> Image.Image:
+    """Composite an image with alpha onto a black background; returns RGB."""
+    rgba = im.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _numeric_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a 16-bit, 32-bit integer or float single-channel array (H, W) to uint8 (H, W).
+
+    16-bit data (and ``I`` data within 0..65535) is divided by 257 (full 16-bit range to full 8-bit range); other
+    ``I`` data and ``F`` data are min-max normalised; NaN becomes 0 and a constant image becomes all zeros.
+    """
+    data = np.asarray(arr, dtype=np.float64)
+    if mode != "F" and data.size and data.min() >= 0 and data.max() <= 65535:
+        return np.clip(np.rint(data / 257.0), 0, 255).astype(np.uint8)
+    finite = np.isfinite(data)
+    if not finite.any():
+        return np.zeros(data.shape, dtype=np.uint8)
+    lo, hi = float(data[finite].min()), float(data[finite].max())
+    if hi <= lo:
+        return np.zeros(data.shape, dtype=np.uint8)
+    scaled = (np.where(finite, data, lo) - lo) / (hi - lo) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

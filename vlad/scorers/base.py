@@ -1,0 +1,267 @@
+"""The scorer contract and the machinery every scorer shares.
+
+A scorer turns images of a named product into :class:`~vlad.result.AnomalyResult` objects. Subclasses implement two
+torch functions:
+
+- ``_extract(x)``: features of a preprocessed batch, as a dict of tensors whose first dimension is the batch;
+- ``_score(features, object_name, memory)``: raw image scores (B,) and maps (B, h, w) on any grid.
+
+and, for few-shot, ``_memory(reference_features, keep)`` which builds the patch memory from the kept references
+(a boolean mask over them, which is how leave-one-out calibration excludes one reference at a time). Everything
+else -- loading, batching, upsampling to the input resolution, thresholds, regions, warnings, timings -- lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlad.backbones import load_backbone
+from vlad.backbones.clip import ClipBackbone
+from vlad.errors import ConfigError
+from vlad.regions import find_regions
+from vlad.result import AnomalyResult
+from vlad.thresholds import MIN_REFERENCES_FOR_CALIBRATION, Thresholds, calibrate, check_sensitivity, normalize
+
+logger = logging.getLogger(__name__)
+
+ImageLike = str | Path | Image.Image | np.ndarray
+Features = dict[str, torch.Tensor]
+
+
+def as_pil(image: ImageLike) -> Image.Image:
+    """Load a path (with vlad's checks) or wrap an array; always RGB."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise ConfigError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
+        if image.dtype != np.uint8:
+            raise ConfigError(f"image arrays must be uint8, got {image.dtype}")
+        return Image.fromarray(image[..., :3])
+    from vlad.data.images import load_image
+
+    return load_image(image)
+
+
+class Scorer:
+    """Base class of all scorers.
+
+    Args:
+        backbone: a spec string (see :mod:`vlad.backbones`) or a loaded :class:`ClipBackbone`.
+        device: ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
+        precision: ``auto``, ``fp32``, ``fp16`` or ``bf16``.
+        image_size: side of the square input in pixels (a multiple of the patch size); the scorer's default if None.
+        threshold: a user threshold in raw score units, replacing default and calibrated ones.
+        sensitivity: in [0, 1]; higher flags more (see :mod:`vlad.thresholds`).
+        batch_size: images per forward pass.
+    """
+
+    name: ClassVar[str] = ""
+    default_backbone: ClassVar[str] = ""
+    default_threshold: ClassVar[float] = 0.5
+    default_scale: ClassVar[float] = 1.0
+
+    def __init__(
+        self,
+        backbone: str | ClipBackbone | None = None,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        image_size: int | None = None,
+        threshold: float | None = None,
+        sensitivity: float = 0.5,
+        batch_size: int = 8,
+    ) -> None:
+        check_sensitivity(sensitivity)
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(backbone, ClipBackbone):
+            self.backbone = backbone
+        else:
+            self.backbone = load_backbone(backbone or self.default_backbone, device=device, precision=precision)
+        self.image_size = image_size or self.default_image_size()
+        self.grid = self.backbone.grid_for(self.image_size)
+        self.user_threshold = threshold
+        self.sensitivity = sensitivity
+        self.batch_size = batch_size
+        self._references: Features | None = None
+        self._n_references = 0
+        self._calibrated: dict[str, Thresholds] = {}
+        self._calibration_warning: str | None = None
+
+    # ------------------------------------------------------------------ subclass API
+    def default_image_size(self) -> int:
+        return self.backbone.native_size
+
+    def _extract(self, x: torch.Tensor) -> Features:
+        raise NotImplementedError
+
+    def _score(self, feats: Features, object_name: str, memory: Features | None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _memory(self, refs: Features, keep: torch.Tensor) -> Features:
+        raise NotImplementedError(f"scorer {self.name!r} has no few-shot mode")
+
+    def _smooth(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) -> (B, H, W) post-processing at input resolution (none by default)."""
+        return maps
+
+    # ------------------------------------------------------------------ few-shot
+    @property
+    def few_shot(self) -> bool:
+        return self._references is not None
+
+    @property
+    def n_references(self) -> int:
+        return self._n_references
+
+    def fit(self, references: Sequence[ImageLike]) -> Scorer:
+        """Remember normal reference images (few-shot). Replaces earlier references; clears calibration."""
+        images = [as_pil(r) for r in references]
+        if not images:
+            raise ConfigError("fit() needs at least one normal reference image")
+        self._references = self._extract_many(images)
+        self._n_references = len(images)
+        self._calibrated.clear()
+        return self
+
+    def clear_references(self) -> Scorer:
+        """Back to zero-shot."""
+        self._references = None
+        self._n_references = 0
+        self._calibrated.clear()
+        return self
+
+    def thresholds(self, object_name: str) -> Thresholds:
+        """The thresholds in force for ``object_name``, sensitivity applied."""
+        base = Thresholds(self.default_threshold, self.default_threshold, self.default_scale, self.default_scale)
+        self._calibration_warning = None
+        if self.few_shot:
+            if self._n_references >= MIN_REFERENCES_FOR_CALIBRATION:
+                base = self._calibrate(object_name)
+            else:
+                self._calibration_warning = (
+                    f"{self._n_references} reference image: the threshold cannot be calibrated (leave-one-out needs "
+                    f"at least {MIN_REFERENCES_FOR_CALIBRATION}); using the zero-shot default {self.default_threshold}"
+                )
+        if self.user_threshold is not None:
+            base = base.with_user_threshold(self.user_threshold)
+        return base.with_sensitivity(self.sensitivity)
+
+    def _calibrate(self, object_name: str) -> Thresholds:
+        if object_name not in self._calibrated:
+            refs = self._references
+            assert refs is not None  # guarded by few_shot
+            scores, maxima = [], []
+            for i in range(self._n_references):
+                keep = torch.ones(self._n_references, dtype=torch.bool)
+                keep[i] = False
+                one = {k: v[i : i + 1] for k, v in refs.items()}
+                s, m = self._score(one, object_name, self._memory(refs, keep))
+                scores.append(float(s[0]))
+                maxima.append(float(m[0].max()))
+            self._calibrated[object_name] = calibrate(scores, maxima)
+        return self._calibrated[object_name]
+
+    # ------------------------------------------------------------------ scoring
+    def _extract_many(self, images: Sequence[Image.Image]) -> Features:
+        parts: list[Features] = []
+        for start in range(0, len(images), self.batch_size):
+            x = self.backbone.preprocess(images[start : start + self.batch_size], self.image_size)
+            parts.append({k: v.float() for k, v in self._extract(x).items()})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def score(self, image: ImageLike, object_name: str = "object") -> AnomalyResult:
+        """Score one image of ``object_name``."""
+        return self.score_many([image], object_name)[0]
+
+    def score_many(self, images: Sequence[ImageLike], object_name: str = "object") -> list[AnomalyResult]:
+        """Score images of one product in batches. Bad paths raise :class:`~vlad.errors.ImageLoadError`."""
+        object_name = object_name.strip() or "object"
+        pil = [as_pil(im) for im in images]
+        th = self.thresholds(object_name)
+        memory = None
+        if self.few_shot:
+            assert self._references is not None
+            memory = self._memory(self._references, torch.ones(self._n_references, dtype=torch.bool))
+        results: list[AnomalyResult] = []
+        for start in range(0, len(pil), self.batch_size):
+            batch = pil[start : start + self.batch_size]
+            t0 = time.perf_counter()
+            x = self.backbone.preprocess(batch, self.image_size)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                feats = {k: v.float() for k, v in self._extract(x).items()}
+                scores, maps = self._score(feats, object_name, memory)
+            _sync(self.backbone.device)
+            t2 = time.perf_counter()
+            per_image = (t2 - t1) / len(batch)
+            for im, s, m in zip(batch, scores, maps, strict=True):
+                t3 = time.perf_counter()
+                amap = self._to_input_resolution(m, im.size)
+                timings = {"preprocess": (t1 - t0) / len(batch), "model": per_image}
+                results.append(self._result(float(s), amap, th, timings, t3))
+        return results
+
+    def _to_input_resolution(self, m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        w, h = size
+        up = F.interpolate(m[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+        return self._smooth(up)[0].cpu().numpy().astype(np.float32)
+
+    def _result(self, score: float, amap: np.ndarray, th: Thresholds, timings: dict, t_start: float) -> AnomalyResult:
+        mask = amap >= th.pixel
+        regions = find_regions(amap, mask)
+        timings = {**timings, "postprocess": time.perf_counter() - t_start}
+        return AnomalyResult(
+            pred_score=score,
+            normalized_score=normalize(score, th.image, th.image_scale),
+            anomaly_map=amap,
+            pred_mask=mask,
+            pred_label=score >= th.image,
+            threshold=th.image,
+            pixel_threshold=th.pixel,
+            score_scale=th.image_scale,
+            threshold_source=th.source,
+            regions=regions,
+            scorer=self.name,
+            backbone=self.backbone.spec,
+            timings=timings,
+            warnings=self.warnings(),
+            meta={"pixel_scale": th.pixel_scale, "image_size": self.image_size, "references": self._n_references},
+        )
+
+    def warnings(self) -> tuple[str, ...]:
+        """What every result of this scorer must carry (random weights, uncalibrated threshold)."""
+        out = []
+        if self.backbone.is_random:
+            out.append(f"backbone {self.backbone.spec} has random weights: scores and maps are meaningless")
+        if self._calibration_warning:
+            out.append(self._calibration_warning)
+        return tuple(out)
+
+    def describe(self) -> dict[str, Any]:
+        """Settings that determine results (for reports)."""
+        return {
+            "scorer": self.name,
+            "backbone": self.backbone.spec,
+            "image_size": self.image_size,
+            "references": self._n_references,
+            "sensitivity": self.sensitivity,
+            "threshold": self.user_threshold,
+        }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

@@ -1,0 +1,78 @@
+"""Thresholds, normalised scores and the sensitivity knob (numpy only).
+
+Conventions (anomalib's): the normalised score is ``clip((x - t) / scale + 0.5, 0, 1)``, so the threshold maps to
+0.5. ``scale`` is the span of raw scores that maps to one unit of normalised score.
+
+- Zero-shot: each scorer documents a default threshold and scale (probability-like scores: 0.5 and 1.0).
+- With normal references: thresholds are calibrated on the references alone, leave-one-out: each reference is scored
+  against a memory built from the others. The image threshold is the highest of those normal scores plus a margin of
+  10 % of their spread (at least 1e-3 of the scale); the pixel threshold is computed the same way from the normal
+  maps' maxima. ``scale`` is four times the distance from the median normal score to the threshold, so a typical
+  normal part lands at a normalised 0.25. At least two references are needed.
+- ``sensitivity`` in [0, 1] (default 0.5) moves the threshold by ``(0.5 - sensitivity) * scale``: 1.0 flags more,
+  0.0 flags less. It re-thresholds without re-scoring.
+- A user threshold replaces the image and pixel thresholds (raw units) and keeps the default scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from vlad.errors import ConfigError
+
+MIN_REFERENCES_FOR_CALIBRATION = 2
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Image and pixel thresholds in raw units, their scales, and where they came from."""
+
+    image: float
+    pixel: float
+    image_scale: float = 1.0
+    pixel_scale: float = 1.0
+    source: str = "default"
+
+    def with_sensitivity(self, sensitivity: float) -> Thresholds:
+        """Shift both thresholds by ``(0.5 - sensitivity) * scale``."""
+        check_sensitivity(sensitivity)
+        shift = 0.5 - sensitivity
+        return replace(self, image=self.image + shift * self.image_scale, pixel=self.pixel + shift * self.pixel_scale)
+
+    def with_user_threshold(self, threshold: float) -> Thresholds:
+        if not np.isfinite(threshold):
+            raise ConfigError(f"--threshold must be a finite number, got {threshold}")
+        return replace(self, image=float(threshold), pixel=float(threshold), source="user")
+
+
+def check_sensitivity(sensitivity: float) -> None:
+    if not 0.0 <= sensitivity <= 1.0:
+        raise ConfigError(f"sensitivity must be in [0, 1], got {sensitivity}")
+
+
+def normalize(value: float | np.ndarray, threshold: float, scale: float) -> float | np.ndarray:
+    """Map raw scores so ``threshold`` becomes 0.5, clipped to [0, 1]."""
+    out = np.clip((np.asarray(value, dtype=np.float64) - threshold) / scale + 0.5, 0.0, 1.0)
+    return float(out) if np.ndim(out) == 0 else out.astype(np.float32)
+
+
+def _threshold_from_normals(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    spread = float(v.max() - v.min())
+    t = float(v.max()) + max(0.1 * spread, 1e-3 * max(abs(float(v.max())), 1e-3))
+    scale = max(4.0 * (t - float(np.median(v))), 1e-6)
+    return t, scale
+
+
+def calibrate(normal_scores: Sequence[float], normal_map_maxima: Sequence[float]) -> Thresholds:
+    """Thresholds from leave-one-out scores of normal references (see the module docstring)."""
+    if len(normal_scores) < MIN_REFERENCES_FOR_CALIBRATION:
+        raise ConfigError(
+            f"calibration needs at least {MIN_REFERENCES_FOR_CALIBRATION} normal references, got {len(normal_scores)}"
+        )
+    image, image_scale = _threshold_from_normals(normal_scores)
+    pixel, pixel_scale = _threshold_from_normals(normal_map_maxima)
+    return Thresholds(image, pixel, image_scale, pixel_scale, source="calibrated")
