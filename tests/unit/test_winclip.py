@@ -119,7 +119,7 @@ def test_clear_references_returns_to_zero_shot(tiny_backbone, texture_set):
 def test_registry_and_bad_config(tiny_backbone):
     from vlad.errors import UnknownScorerError
 
-    with pytest.raises(UnknownScorerError, match="unknown scorer 'nope'; available: winclip"):
+    with pytest.raises(UnknownScorerError, match="unknown scorer 'nope'; available: crane, filo, winclip"):
         get_scorer("nope")
     with pytest.raises(ConfigError, match="sensitivity must be in"):
         WinClipScorer(tiny_backbone, sensitivity=2.0)

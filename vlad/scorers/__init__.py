@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from vlad.scorers.base import Scorer
 
 _SCORERS: dict[str, str] = {
+    "crane": "vlad.scorers.crane:CraneScorer",
+    "filo": "vlad.scorers.filo:FiloScorer",
     "winclip": "vlad.scorers.winclip:WinClipScorer",
 }
 

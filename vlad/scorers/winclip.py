@@ -30,15 +30,10 @@ import torch.nn.functional as F
 from vlad.backbones import WINCLIP_BACKBONE
 from vlad.backbones.clip import ClipBackbone
 from vlad.errors import ConfigError
-from vlad.resources import load_prompt_file
+from vlad.scorers._text import PromptEnsemble
 from vlad.scorers.base import Features, Scorer
 
 TEMPERATURE = 0.07
-
-
-def compose_prompts(object_name: str, states: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """Every template applied to every state applied to the object name."""
-    return [template.format(state.format(object_name)) for state in states for template in templates]
 
 
 def window_indices(grid: tuple[int, int], size: int) -> torch.Tensor:
@@ -100,18 +95,15 @@ class WinClipScorer(Scorer):
             raise ConfigError("scales must name at least one window size, e.g. (2, 3)")
         self.scales = tuple(int(s) for s in scales)
         self._windows = {s: window_indices(self.grid, s) for s in self.scales}
-        bank = load_prompt_file(prompts)
-        self._states = (list(bank["normal_states"]), list(bank["anomalous_states"]))
-        self._templates = list(bank["templates"])
+        self.ensemble = PromptEnsemble(prompts)
 
     def prompts(self, object_name: str) -> tuple[list[str], list[str]]:
         """(normal prompts, anomalous prompts) for ``object_name``."""
-        return tuple(compose_prompts(object_name, s, self._templates) for s in self._states)  # type: ignore[return-value]
+        return self.ensemble.prompts(object_name)
 
     def text_prototypes(self, object_name: str) -> torch.Tensor:
         """(2, D) normalised [normal, anomalous] prototypes."""
-        normal, anomalous = self.prompts(object_name)
-        return torch.stack([self.backbone.text_prototype(normal), self.backbone.text_prototype(anomalous)])
+        return self.ensemble.prototypes(self.backbone, object_name)
 
     def _extract(self, x: torch.Tensor) -> Features:
         out = self.backbone.forward_visual(x, layers=[-1], keep_embeddings=True)

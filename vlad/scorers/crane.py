@@ -1,0 +1,198 @@
+"""Crane / Crane+ (Salehi et al., arXiv 2504.11055; reference code AlirezaSalehy/Crane), training-free by default.
+
+- Dense features: the dual-path engine (:mod:`vlad.backbones.dense`) with E-Attn ``qq+kk+vv`` in the last 19
+  blocks; refined tokens at layers (6, 12, 18, 24) of ViT-L/14@336 run at 518 px (quarter points of the depth for
+  other models), each copied (the reference code stores views of one in-place-updated tensor, so its four layers are
+  all the last one; ours are really four).
+- Map: per layer ``softmax(cos(f, t) / 0.07)`` against [normal, anomalous] prototypes, averaged over layers
+  (``soft_mean``; Crane+ takes the softmax of the mean logits), bilinear to the input size S, Gaussian sigma 4
+  (scaled by S / 518 for other sizes).
+- Image score, "local-to-global": ``w_p = softmax(mean logits_p)[a]``, ``c = normalize(sum_p w_p mean_l f_lp)``,
+  ``g' = normalize(0.5 c + 0.5 g)``, ``score = softmax(cos(g', t) / 0.07)[a]``.
+- Text: training-free, the compositional prompt ensemble of ``prompts/winclip.yaml`` with the product name
+  (``object_agnostic=True`` uses "object", as the learned Crane prompts do). A learned prompt adapter, when given,
+  replaces the prototypes (:meth:`set_text_features`).
+- Crane+ (``dattn=...``): D-Attn from DINOv2 patch similarity ``S = z z^T``, ``S' = 3 (S - 1.2 mean_row(S))``,
+  negative entries masked, row softmax, applied to the last block's CLIP values (patches only), output projection,
+  no residual; its tokens join the last layer's as a second token set. DINO runs at ``grid * 14`` px so its grid
+  equals CLIP's.
+- Few-shot: a patch memory of the refined tokens at every tapped layer; ``(1 - max cos) / 2`` averaged over layers,
+  fused 50/50 with the zero-shot map; image score ``(score + max few-shot map) / 2``.
+
+Deviation: the default prompts are the training-free ensemble, not Crane's learned context vectors (those are
+trained on another dataset's test split, METHODS.md §2); train our own with ``vlad train-adapter``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vlad.backbones import DEFAULT_BACKBONE
+from vlad.backbones.clip import ClipBackbone
+from vlad.backbones.dense import check_attention, default_first_refined, default_layers, dense_forward
+from vlad.errors import ConfigError
+from vlad.scorers._ops import gaussian_blur, min_cosine_distance, upsample
+from vlad.scorers._text import PromptEnsemble
+from vlad.scorers.base import Features, Scorer
+
+TEMPERATURE = 0.07
+REFERENCE_SIZE = 518  # the size at which the published sigma (4 px) applies
+
+
+def dense_image_size(backbone: ClipBackbone) -> int:
+    """The research protocol's size: the training grid scaled by 37/24 (ViT-L/14@336 -> 518)."""
+    grid = backbone.native_size // backbone.patch_size
+    return backbone.patch_size * max(1, round(grid * 37 / 24))
+
+
+class CraneScorer(Scorer):
+    """Crane / Crane+: E-Attn dual-path dense CLIP maps with local-to-global image scores (arXiv 2504.11055).
+
+    Args:
+        backbone: default ``openclip:ViT-L-14-336-quickgelu@openai`` at 518 px.
+        layers: refined layers to read (1-based); default the depth's quarter points.
+        attention: refined attention, ``qq+kk+vv`` (E-Attn) or ``vv`` (DPAM) and others.
+        first_refined: first refined block; default the last 19 blocks.
+        soft_mean: average the per-layer softmax maps (Crane) instead of softmaxing mean logits (Crane+).
+        sigma: Gaussian sigma in pixels at 518 px (scaled with the input size); 0 disables.
+        dattn: a DINO spec for Crane+ (see :mod:`vlad.backbones.dino`), or None.
+        object_agnostic: prompt with "object" instead of the product name.
+        prompts: prompt bank name in ``prompts/``.
+    """
+
+    name = "crane"
+    default_backbone = DEFAULT_BACKBONE
+    refined_blocks = 19  # E-Attn in the last 19 blocks (layers 6..24 of ViT-L/14)
+
+    def __init__(
+        self,
+        backbone: str | ClipBackbone | None = None,
+        *,
+        layers: Sequence[int] | None = None,
+        attention: str = "qq+kk+vv",
+        first_refined: int | None = None,
+        soft_mean: bool = True,
+        sigma: float = 4.0,
+        dattn: str | None = None,
+        dattn_beta: float = 1.2,
+        dattn_gamma: float = 3.0,
+        object_agnostic: bool = False,
+        prompts: str = "winclip",
+        **kwargs: object,
+    ) -> None:
+        super().__init__(backbone, **kwargs)  # type: ignore[arg-type]
+        check_attention(attention)
+        n = self.backbone.num_layers
+        self.first_refined = default_first_refined(n, self.refined_blocks) if first_refined is None else first_refined
+        self.layers = tuple(layers) if layers else tuple(x for x in default_layers(n) if x >= self.first_refined)
+        if not self.layers:
+            raise ConfigError("layers must name at least one refined layer")
+        self.attention = attention
+        self.soft_mean = soft_mean
+        self.sigma = sigma * self.image_size / REFERENCE_SIZE
+        self.object_agnostic = object_agnostic
+        self.ensemble = PromptEnsemble(prompts)
+        self._text_override: torch.Tensor | None = None
+        self.dattn = None
+        if dattn:
+            from vlad.backbones.dino import DinoPatches
+
+            self.dattn = DinoPatches.from_spec(dattn, device=self.backbone.device)
+            self.dattn_beta, self.dattn_gamma = dattn_beta, dattn_gamma
+
+    def default_image_size(self) -> int:
+        return dense_image_size(self.backbone)
+
+    # ------------------------------------------------------------------ text
+    def set_text_features(self, text: torch.Tensor | None) -> None:
+        """Use these (2, D) [normal, anomalous] features instead of the prompt ensemble (learned prompts)."""
+        if text is not None and (text.ndim != 2 or text.shape != (2, self.backbone.embed_dim)):
+            raise ConfigError(f"text features must be (2, {self.backbone.embed_dim}), got {tuple(text.shape)}")
+        self._text_override = None if text is None else F.normalize(text.float(), dim=-1)
+
+    def text_prototypes(self, object_name: str) -> torch.Tensor:
+        if self._text_override is not None:
+            return self._text_override
+        return self.ensemble.prototypes(self.backbone, "object" if self.object_agnostic else object_name)
+
+    # ------------------------------------------------------------------ features
+    def _extract(self, x: torch.Tensor) -> Features:
+        out = dense_forward(self.backbone, x, self.layers, attention=self.attention,
+                            first_refined=self.first_refined, keep_values=self.dattn is not None)  # fmt: skip
+        feats = {f"layer{layer}": F.normalize(tok.float(), dim=-1) for layer, tok in out.refined.items()}
+        feats["global"] = F.normalize(out.global_embedding.float(), dim=-1)
+        if self.dattn is not None and out.values is not None:
+            feats["dattn"] = F.normalize(self._dattn_tokens(x, out.values).float(), dim=-1)
+        return feats
+
+    def _dattn_tokens(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) D-Attn tokens: DINO patch similarity applied to the last block's CLIP values."""
+        assert self.dattn is not None
+        z = F.normalize(self.dattn.patches(x, self.grid).float(), dim=-1)  # (B, N, C)
+        s = z @ z.transpose(1, 2)
+        s = self.dattn_gamma * (s - self.dattn_beta * s.mean(dim=-1, keepdim=True))
+        attn = torch.softmax(s.masked_fill(s < 0, float("-inf")), dim=-1).nan_to_num(0.0)
+        block = self.backbone.model.visual.transformer.resblocks[-1]
+        mixed = F.linear(attn.to(values.dtype) @ values, block.attn.out_proj.weight, block.attn.out_proj.bias)
+        return self.backbone.project_tokens(mixed)
+
+    def _token_sets(self, feats: Features) -> list[torch.Tensor]:
+        sets = [feats[f"layer{layer}"] for layer in self.layers]
+        if "dattn" in feats:
+            sets.append(feats["dattn"])
+        return sets
+
+    # ------------------------------------------------------------------ scores
+    temperature: float = TEMPERATURE
+
+    def _text_batch(self, feats: Features, object_name: str) -> torch.Tensor:
+        """(B, 2, D) [normal, anomalous] text features per image (the same for every image here)."""
+        text = self.text_prototypes(object_name).to(feats["global"].device)
+        return text.expand(feats["global"].shape[0], -1, -1)
+
+    def _patch_logits(self, feats: Features, text: torch.Tensor) -> torch.Tensor:
+        """(L, B, N, 2) per token set, ``cos / temperature``."""
+        return torch.stack([torch.einsum("bnd,bkd->bnk", f, text) / self.temperature for f in self._token_sets(feats)])
+
+    def _patch_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(L, B, N, 2) -> (B, N) anomaly probability (soft mean over sets, or softmax of mean logits)."""
+        if self.soft_mean:
+            return torch.softmax(logits, dim=-1)[..., 1].mean(0)
+        return torch.softmax(logits.mean(0), dim=-1)[..., 1]
+
+    def _image_score(self, feats: Features, text: torch.Tensor, logits: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """(B,) Crane's local-to-global score: anomaly-weighted patch features fused 50/50 with the global one."""
+        weights = torch.softmax(logits.mean(0), dim=-1)[..., 1]  # (B, N)
+        local = F.normalize((weights[..., None] * torch.stack(self._token_sets(feats)).mean(0)).sum(1), dim=-1)
+        fused = F.normalize(0.5 * local + 0.5 * feats["global"], dim=-1)
+        return torch.softmax(torch.einsum("bd,bkd->bk", fused, text) / TEMPERATURE, dim=-1)[:, 1]
+
+    def _finish_maps(self, maps: torch.Tensor, feats: Features) -> torch.Tensor:
+        """(B, S, S) post-processing at model resolution: the Gaussian blur."""
+        return gaussian_blur(maps, self.sigma)
+
+    def _score(self, feats: Features, object_name: str, memory: Features | None) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self._text_batch(feats, object_name)
+        logits = self._patch_logits(feats, text)
+        patch = self._patch_probs(logits)
+        few = None
+        if memory is not None:
+            few = torch.stack([min_cosine_distance(f, memory[k]) / 2 for k, f in self._memory_pairs(feats)]).mean(0)
+            patch = (patch + few) / 2
+        maps = self._finish_maps(upsample(patch.reshape(-1, *self.grid), self.image_size), feats)
+        score = self._image_score(feats, text, logits, maps)
+        if few is not None:
+            score = (score + few.amax(dim=-1)) / 2
+        return score, maps
+
+    def _memory_pairs(self, feats: Features) -> list[tuple[str, torch.Tensor]]:
+        """(key, (B, N, D) tokens) for every token set that has a patch memory."""
+        keys = [f"layer{layer}" for layer in self.layers] + (["dattn"] if "dattn" in feats else [])
+        return [(k, feats[k]) for k in keys]
+
+    def _memory(self, refs: Features, keep: torch.Tensor) -> Features:
+        keep = keep.to(refs["global"].device)
+        return {k: v[keep].reshape(-1, v.shape[-1]) for k, v in self._memory_pairs(refs)}
