@@ -11,7 +11,6 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from vlad.errors import VladError
@@ -64,6 +63,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=8)
     g.add_argument("--threshold", type=_finite_float, default=None, help="image and pixel threshold, raw units")
     g.add_argument("--sensitivity", type=_unit_float, default=0.5, help="0..1, higher flags more (default 0.5)")
+    g.add_argument("--concepts", default=None, help='LAFT steering in words, e.g. "ignore colour" or "focus on cracks"')
+    g.add_argument("--detector", default=None, help="zero-shot detector for filo: grounding-dino[:DIR], owlv2[:DIR], "
+                   "none (default grounding-dino)")
+    g.add_argument("--dattn", default=None, help="crane: DINOv2 spec for Crane+ D-Attn, e.g. "
+                   "timm:vit_base_patch14_reg4_dinov2.lvd142m")
 
 
 def build_parser() -> argparse.ArgumentParser:

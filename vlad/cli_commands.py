@@ -27,9 +27,23 @@ def _progress(items: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
     return tqdm(items, total=total, desc=desc, unit="img", disable=total < 4 or not sys.stderr.isatty(), leave=False)
 
 
+_SCORER_ONLY_OPTIONS = {"detector": ("filo",), "dattn": ("crane", "filo")}
+
+
 def build_scorer(args: argparse.Namespace) -> Any:
+    """The scorer the command line asks for; scorer-specific options are checked against the scorer."""
     from vlad.scorers import get_scorer
 
+    extra: dict[str, Any] = {}
+    for option, scorers in _SCORER_ONLY_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        if args.scorer not in scorers:
+            raise UsageError(f"--{option} applies to the {' and '.join(scorers)} scorer(s), not {args.scorer!r}")
+        extra[option] = value
+    if getattr(args, "concepts", None):
+        extra["concepts"] = args.concepts
     return get_scorer(
         args.scorer,
         backbone=args.backbone,
@@ -39,6 +53,7 @@ def build_scorer(args: argparse.Namespace) -> Any:
         threshold=args.threshold,
         sensitivity=args.sensitivity,
         batch_size=args.batch_size,
+        **extra,
     )
 
 
@@ -92,17 +107,26 @@ def _result_row(path: Path, result: Any, overlay: Path | None, args: argparse.Na
     }
 
 
+def _chunks(scorer: Any, n: int) -> int:
+    """Images per scoring call: a transductive scorer (musc) sees the whole set at once."""
+    return max(n, 1) if getattr(scorer, "transductive", False) else scorer.batch_size
+
+
 def _score_files(scorer: Any, files: list[Path], args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     from vlad.data import load_image
     from vlad.viz import render_result
 
     rows: list[dict[str, Any]] = []
     stems: dict[str, int] = defaultdict(int)
-    batch: list[tuple[Path, Any]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
+    loaded: list[tuple[Path, Any]] = []
+    for path in files:
+        try:
+            loaded.append((path, load_image(path)))
+        except ImageLoadError as exc:
+            rows.append(_error_row(path, str(exc), args))
+    step = _chunks(scorer, len(loaded))
+    for start in _progress(range(0, len(loaded), step), (len(loaded) + step - 1) // step, "detect"):
+        batch = loaded[start : start + step]
         results = scorer.score_many([im for _, im in batch], args.object_name)
         for (path, image), result in zip(batch, results, strict=True):
             overlay = None
@@ -112,16 +136,6 @@ def _score_files(scorer: Any, files: list[Path], args: argparse.Namespace, out: 
                 overlay = out / f"{path.stem}{suffix}_overlay.png"
                 render_result(image, result).save(overlay)
             rows.append(_result_row(path, result, overlay, args))
-        batch.clear()
-
-    for path in _progress(files, len(files), "detect"):
-        try:
-            batch.append((path, load_image(path)))
-        except ImageLoadError as exc:
-            rows.append(_error_row(path, str(exc), args))
-        if len(batch) >= scorer.batch_size:
-            flush()
-    flush()
     order = {str(p): i for i, p in enumerate(files)}
     return sorted(rows, key=lambda r: order[r["path"]])
 
@@ -199,22 +213,22 @@ def _evaluate_category(scorer: Any, samples: list[Any], name: str, args: argpars
     from vlad.metrics import compute_metrics
 
     size = args.eval_size or scorer.image_size
-    scores, labels, maps, masks, failed = [], [], [], [], []
-    pixel_ok: list[bool] = []
-    for s in _progress(samples, len(samples), name):
+    loaded, failed = [], []
+    for s in samples:
         try:
-            result = scorer.score(load_image(s.path), name)
+            loaded.append((s, load_image(s.path)))
         except ImageLoadError as exc:
             failed.append({"path": str(s.path), "error": str(exc)})
-            continue
-        scores.append(result.pred_score)
-        labels.append(s.label)
-        maps.append(_resize_map(result.anomaly_map, size))
-        if s.mask_path is not None:
-            masks.append(load_mask(s.mask_path, (size, size)))
-        else:
-            masks.append(np.zeros((size, size), bool))
-        pixel_ok.append(s.label == 0 or s.mask_path is not None)
+    scores, labels, maps, masks, pixel_ok = [], [], [], [], []
+    step = _chunks(scorer, len(loaded))
+    for start in _progress(range(0, len(loaded), step), (len(loaded) + step - 1) // step, name):
+        batch = loaded[start : start + step]
+        for (s, _), result in zip(batch, scorer.score_many([im for _, im in batch], name), strict=True):
+            scores.append(result.pred_score)
+            labels.append(s.label)
+            maps.append(_resize_map(result.anomaly_map, size))
+            masks.append(load_mask(s.mask_path, (size, size)) if s.mask_path else np.zeros((size, size), bool))
+            pixel_ok.append(s.label == 0 or s.mask_path is not None)
     keep = np.array(pixel_ok, bool)
     metrics = compute_metrics(
         np.array(scores), np.array(labels),

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from vlad.cli import main
+from vlad.scorers import list_scorers
 
 REPORT_FIELDS = {"path", "object", "scorer", "backbone", "pred_score", "normalized_score", "pred_label", "threshold",
                  "regions", "overlay", "timings", "error"}  # fmt: skip
@@ -90,7 +91,7 @@ def test_detect_batch_with_bad_files_reports_each_and_scores_the_rest(tmp_path, 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--scorer", "nope"], "unknown scorer 'nope'; available: crane, filo, winclip"),
+        (["--scorer", "nope"], f"unknown scorer 'nope'; available: {', '.join(list_scorers())}"),
         (["--backbone", "nonsense-spec"], "unknown backbone spec 'nonsense-spec'"),
         (["--backbone", "random:NoSuchNet"], "unknown open_clip model 'NoSuchNet'"),
     ],
@@ -127,7 +128,7 @@ def test_empty_directory_and_bad_numbers_exit_2(tmp_path, capsys):
 def test_scorers_lists_winclip(capsys):
     assert main(["scorers"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["crane", "filo", "winclip"]
+    assert names == list_scorers()
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +185,47 @@ def test_console_script_and_benchmark_run(sample_images, tmp_path):
                             "--repeats", "1", "--device", "cpu"], capture_output=True, text=True, check=True)  # fmt: skip
     line = json.loads(bench.stdout.strip().splitlines()[-1])
     assert line["scorer"] == "winclip" and line["images_per_s"] > 0 and line["overhead_ratio"] > 1
+
+
+@pytest.mark.parametrize("scorer", list_scorers())
+def test_every_scorer_runs_through_detect_and_eval(scorer, sample_images, synthetic_mvtec, tmp_path, capsys):
+    extra = ["--detector", "none"] if scorer == "filo" else []
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for p in sorted(sample_images.iterdir())[:2]:
+        (refs / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    code = main(["detect", str(sample_images), "--object", "part", "--scorer", scorer, "--backbone", "random:tiny",
+                 "--refs", str(refs), "--out", str(out), "--device", "cpu", *extra])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    rows = _rows(out)
+    assert len(rows) == 3 and all(r["scorer"] == scorer and r["error"] is None for r in rows)
+    metrics = tmp_path / "m.json"
+    code = main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "tex", "--scorer", scorer,
+                 "--backbone", "random:tiny", "--shots", "2", "--out", str(metrics), *extra])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(metrics.read_text())
+    assert data["settings"]["scorer"] == scorer and data["per_category"]["tex"]["n_images"] == 6
+
+
+def test_scorer_specific_options_are_checked(sample_images, tmp_path, capsys):
+    code = main(["detect", str(sample_images), "--object", "x", "--backbone", "random:tiny", "--detector", "owlv2",
+                 "--out", str(tmp_path / "o")])  # fmt: skip
+    assert code == 2
+    assert "--detector applies to the filo scorer(s), not 'winclip'" in capsys.readouterr().err
+
+
+def test_laft_without_refs_is_a_clear_error(sample_images, tmp_path, capsys):
+    code = main(["detect", str(sample_images), "--object", "x", "--scorer", "laft", "--backbone", "random:tiny",
+                 "--out", str(tmp_path / "o")])  # fmt: skip
+    assert code == 2
+    assert "laft needs normal reference images" in capsys.readouterr().err
+
+
+def test_musc_scores_a_folder_as_one_batch(sample_images, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["detect", str(sample_images), "--object", "x", "--scorer", "musc", "--backbone", "random:tiny",
+                 "--out", str(out), "--batch-size", "1"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    rows = _rows(out)
+    assert len(rows) == 3 and all(r["error"] is None for r in rows)

@@ -118,8 +118,9 @@ def test_clear_references_returns_to_zero_shot(tiny_backbone, texture_set):
 
 def test_registry_and_bad_config(tiny_backbone):
     from vlad.errors import UnknownScorerError
+    from vlad.scorers import list_scorers
 
-    with pytest.raises(UnknownScorerError, match="unknown scorer 'nope'; available: crane, filo, winclip"):
+    with pytest.raises(UnknownScorerError, match=f"unknown scorer 'nope'; available: {', '.join(list_scorers())}"):
         get_scorer("nope")
     with pytest.raises(ConfigError, match="sensitivity must be in"):
         WinClipScorer(tiny_backbone, sensitivity=2.0)

@@ -23,6 +23,7 @@ from vlad.errors import BackboneError, WeightsNotFoundError
 
 logger = logging.getLogger(__name__)
 
+RANDOM_SEED = 0
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -95,7 +96,10 @@ class ClipBackbone:
                 raise BackboneError(f"{tag!r} is neither a pretrained tag of {spec.model} ({tags}) nor a file")
             ensure_weights_available(spec.model, tag)
         try:
-            with _quiet_root_logger(spec.random):  # open_clip logs "initialized randomly" on the root logger
+            # random weights are seeded, so a random backbone is the same network in every process and test order
+            with _quiet_root_logger(spec.random), torch.random.fork_rng(devices=[], enabled=spec.random):
+                if spec.random:
+                    torch.manual_seed(RANDOM_SEED)
                 model = open_clip.create_model(spec.model, pretrained=spec.pretrained, device="cpu")
         except (RuntimeError, FileNotFoundError, OSError) as exc:
             raise WeightsNotFoundError(f"could not load backbone {spec.spec!r}: {exc}") from exc

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 _SCORERS: dict[str, str] = {
     "crane": "vlad.scorers.crane:CraneScorer",
     "filo": "vlad.scorers.filo:FiloScorer",
+    "laft": "vlad.scorers.laft:LaftScorer",
+    "musc": "vlad.scorers.musc:MuscScorer",
     "winclip": "vlad.scorers.winclip:WinClipScorer",
 }
 

@@ -65,9 +65,13 @@ class Scorer:
         threshold: a user threshold in raw score units, replacing default and calibrated ones.
         sensitivity: in [0, 1]; higher flags more (see :mod:`vlad.thresholds`).
         batch_size: images per forward pass.
+        concepts: LAFT steering in words ("ignore colour", "focus on cracks") or a ready
+            :class:`~vlad.laft.ConceptTransform`: image features (and text prototypes) are projected onto / off the
+            concept subspace before scoring.
     """
 
     name: ClassVar[str] = ""
+    transductive: ClassVar[bool] = False  # True: scores depend on the whole batch (score all images together)
     default_backbone: ClassVar[str] = ""
     default_threshold: ClassVar[float] = 0.5
     default_scale: ClassVar[float] = 1.0
@@ -82,6 +86,7 @@ class Scorer:
         threshold: float | None = None,
         sensitivity: float = 0.5,
         batch_size: int = 8,
+        concepts: str | Any | None = None,
     ) -> None:
         check_sensitivity(sensitivity)
         if batch_size < 1:
@@ -99,6 +104,22 @@ class Scorer:
         self._n_references = 0
         self._calibrated: dict[str, Thresholds] = {}
         self._calibration_warning: str | None = None
+        self.transform = self._concept_transform(concepts)
+
+    def _concept_transform(self, concepts: str | Any | None) -> Any:
+        if concepts is None or (isinstance(concepts, str) and not concepts.strip()):
+            return None
+        if isinstance(concepts, str):
+            from vlad.laft import build_transform
+
+            return build_transform(self.backbone, concepts)
+        return concepts
+
+    def steer(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) normalised features -> the LAFT-transformed, renormalised features (identity without concepts)."""
+        if self.transform is None:
+            return x
+        return F.normalize(self.transform(x.float()), dim=-1)
 
     # ------------------------------------------------------------------ subclass API
     def default_image_size(self) -> int:
@@ -191,10 +212,7 @@ class Scorer:
         object_name = object_name.strip() or "object"
         pil = [as_pil(im) for im in images]
         th = self.thresholds(object_name)
-        memory = None
-        if self.few_shot:
-            assert self._references is not None
-            memory = self._memory(self._references, torch.ones(self._n_references, dtype=torch.bool))
+        memory = self._full_memory()
         results: list[AnomalyResult] = []
         for start in range(0, len(pil), self.batch_size):
             batch = pil[start : start + self.batch_size]
@@ -204,15 +222,27 @@ class Scorer:
             with torch.no_grad():
                 feats = {k: v.float() for k, v in self._extract(x).items()}
                 scores, maps = self._score(feats, object_name, memory)
-            _sync(self.backbone.device)
+            sync_device(self.backbone.device)
             t2 = time.perf_counter()
-            per_image = (t2 - t1) / len(batch)
-            for im, s, m in zip(batch, scores, maps, strict=True):
-                t3 = time.perf_counter()
-                amap = self._to_input_resolution(m, im.size)
-                timings = {"preprocess": (t1 - t0) / len(batch), "model": per_image}
-                results.append(self._result(float(s), amap, th, timings, t3))
+            timings = {"preprocess": (t1 - t0) / len(batch), "model": (t2 - t1) / len(batch)}
+            results += self._results(batch, scores, maps, th, timings)
         return results
+
+    def _full_memory(self) -> Features | None:
+        """The patch memory of all references, or None in zero-shot mode."""
+        if self._references is None:
+            return None
+        return self._memory(self._references, torch.ones(self._n_references, dtype=torch.bool))
+
+    def _results(
+        self, images: Sequence[Image.Image], scores: torch.Tensor, maps: torch.Tensor, th: Thresholds, timings: dict
+    ) -> list[AnomalyResult]:
+        """One result per image: maps (B, h, w) upsampled to each image's size, thresholds, regions."""
+        out = []
+        for im, s, m in zip(images, scores, maps, strict=True):
+            t_start = time.perf_counter()
+            out.append(self._result(float(s), self._to_input_resolution(m, im.size), th, timings, t_start))
+        return out
 
     def _to_input_resolution(self, m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         w, h = size
@@ -259,9 +289,11 @@ class Scorer:
             "references": self._n_references,
             "sensitivity": self.sensitivity,
             "threshold": self.user_threshold,
+            "concepts": None if self.transform is None else self.transform.describe(),
         }
 
 
-def _sync(device: str) -> None:
+def sync_device(device: str) -> None:
+    """Wait for queued GPU work, so timings are honest."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -115,18 +115,18 @@ class CraneScorer(Scorer):
 
     def text_prototypes(self, object_name: str) -> torch.Tensor:
         if self._text_override is not None:
-            return self._text_override
-        return self.ensemble.prototypes(self.backbone, "object" if self.object_agnostic else object_name)
+            return self.steer(self._text_override)
+        return self.steer(self.ensemble.prototypes(self.backbone, "object" if self.object_agnostic else object_name))
 
     # ------------------------------------------------------------------ features
     def _extract(self, x: torch.Tensor) -> Features:
         out = dense_forward(self.backbone, x, self.layers, attention=self.attention,
                             first_refined=self.first_refined, keep_values=self.dattn is not None)  # fmt: skip
-        feats = {f"layer{layer}": F.normalize(tok.float(), dim=-1) for layer, tok in out.refined.items()}
-        feats["global"] = F.normalize(out.global_embedding.float(), dim=-1)
+        feats = {f"layer{layer}": tok for layer, tok in out.refined.items()}
+        feats["global"] = out.global_embedding
         if self.dattn is not None and out.values is not None:
-            feats["dattn"] = F.normalize(self._dattn_tokens(x, out.values).float(), dim=-1)
-        return feats
+            feats["dattn"] = self._dattn_tokens(x, out.values)
+        return {k: self.steer(F.normalize(v.float(), dim=-1)) for k, v in feats.items()}
 
     def _dattn_tokens(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """(B, N, D) D-Attn tokens: DINO patch similarity applied to the last block's CLIP values."""

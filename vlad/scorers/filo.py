@@ -128,7 +128,7 @@ class FiloScorer(CraneScorer):
         per_position = self._abnormal_prompts(object_name)
         abnormal = [self.backbone.text_prototype(p) for p in per_position]
         abnormal.append(self.backbone.text_prototype([p for ps in per_position for p in ps]))
-        return self.backbone.text_prototype(normal), torch.stack(abnormal)
+        return self.steer(self.backbone.text_prototype(normal)), self.steer(torch.stack(abnormal))
 
     def _text_batch(self, feats: Features, object_name: str) -> torch.Tensor:
         if self._text_override is not None:

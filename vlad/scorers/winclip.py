@@ -103,18 +103,18 @@ class WinClipScorer(Scorer):
 
     def text_prototypes(self, object_name: str) -> torch.Tensor:
         """(2, D) normalised [normal, anomalous] prototypes."""
-        return self.ensemble.prototypes(self.backbone, object_name)
+        return self.steer(self.ensemble.prototypes(self.backbone, object_name))
 
     def _extract(self, x: torch.Tensor) -> Features:
         out = self.backbone.forward_visual(x, layers=[-1], keep_embeddings=True)
         assert out.embeddings is not None
         feats = {
-            "global": F.normalize(out.global_embedding.float(), dim=-1),
-            "patches": F.normalize(out.patch_tokens[self.backbone.num_layers].float(), dim=-1),
+            "global": out.global_embedding,
+            "patches": out.patch_tokens[self.backbone.num_layers],
         }
         for s, windows in self._windows.items():
-            feats[f"win{s}"] = F.normalize(self.backbone.encode_windows(out.embeddings, windows).float(), dim=-1)
-        return feats
+            feats[f"win{s}"] = self.backbone.encode_windows(out.embeddings, windows)
+        return {k: self.steer(F.normalize(v.float(), dim=-1)) for k, v in feats.items()}
 
     def _score(self, feats: Features, object_name: str, memory: Features | None) -> tuple[torch.Tensor, torch.Tensor]:
         text = self.text_prototypes(object_name).to(feats["global"].device)
