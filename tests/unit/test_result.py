@@ -1,0 +1,97 @@
+"""AnomalyResult and Region validation, serialisation; thresholds; the Detector API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vlad.errors import ConfigError
+from vlad.result import AnomalyResult, Explanation, Region, RuleHit
+from vlad.thresholds import Thresholds, calibrate, normalize
+
+
+def _result(**overrides):
+    amap = np.zeros((4, 6), np.float32)
+    amap[1, 2] = 0.9
+    fields = dict(pred_score=0.7, normalized_score=0.7, anomaly_map=amap, pred_mask=amap > 0.5, pred_label=True,
+                  threshold=0.5, pixel_threshold=0.5)  # fmt: skip
+    fields.update(overrides)
+    return AnomalyResult(**fields)
+
+
+def test_result_normalises_types_and_serialises():
+    r = _result(anomaly_map=np.ones((4, 6), np.float64), pred_mask=np.ones((4, 6), np.uint8), pred_label=np.bool_(1))
+    assert r.anomaly_map.dtype == np.float32 and r.pred_mask.dtype == np.bool_ and r.pred_label is True
+    assert r.image_size == (6, 4) and r.verdict == "anomalous"
+    r = r.replace(rule_hits=[RuleHit("scratches are fine", "region suppressed")],
+                  explanation=Explanation("a crack", "template"))  # fmt: skip
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["rule_hits"] == [{"rule": "scratches are fine", "effect": "region suppressed", "detail": {}}]
+    assert d["explanation"]["text"] == "a crack" and "anomaly_map" not in d
+    assert len(r.to_dict(include_arrays=True)["anomaly_map"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"anomaly_map": np.zeros(5)}, "must be a non-empty 2-D"),
+        ({"anomaly_map": np.full((4, 6), np.nan)}, "NaN or infinite"),
+        ({"pred_mask": np.zeros((3, 3), bool)}, r"pred_mask shape \(3, 3\) differs"),
+        ({"normalized_score": 1.5}, r"normalized_score must be in \[0, 1\]"),
+        ({"pred_score": float("inf")}, "pred_score must be a finite number"),
+        ({"threshold_source": "magic"}, "threshold_source must be"),
+        ({"score_scale": 0.0}, "score_scale must be positive"),
+    ],
+)
+def test_result_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _result(**overrides)
+
+
+def test_region_validation():
+    ok = Region((0, 0, 2, 2), 4, 0.1, 0.9, 0.8, (1.0, 1.0), "top left")
+    assert ok.to_dict()["bbox"] == [0, 0, 2, 2]
+    with pytest.raises(ValueError, match="bbox must satisfy"):
+        Region((2, 0, 2, 2), 4, 0.1, 0.9, 0.8, (1.0, 1.0), "top left")
+    with pytest.raises(ValueError, match="position must be one of"):
+        Region((0, 0, 2, 2), 4, 0.1, 0.9, 0.8, (1.0, 1.0), "upper")
+
+
+def test_thresholds_normalise_and_shift():
+    assert normalize(0.5, 0.5, 1.0) == 0.5
+    assert normalize(0.75, 0.5, 1.0) == 0.75
+    assert normalize(3.0, 0.5, 1.0) == 1.0
+    t = Thresholds(0.5, 0.4, 1.0, 0.2)
+    assert t.with_sensitivity(1.0).image == pytest.approx(0.0)
+    assert t.with_sensitivity(1.0).pixel == pytest.approx(0.3)
+    assert t.with_sensitivity(0.0).image == pytest.approx(1.0)
+    user = t.with_user_threshold(0.33)
+    assert (user.image, user.pixel, user.source) == (0.33, 0.33, "user")
+    with pytest.raises(ConfigError, match=r"sensitivity must be in \[0, 1\]"):
+        t.with_sensitivity(1.5)
+
+
+def test_calibration_from_leave_one_out_scores():
+    cal = calibrate([0.1, 0.2, 0.3], [0.5, 0.6, 0.7])
+    assert cal.source == "calibrated"
+    assert cal.image == pytest.approx(0.3 + 0.1 * 0.2)
+    assert cal.image_scale == pytest.approx(4 * (cal.image - 0.2))
+    assert normalize(0.2, cal.image, cal.image_scale) == pytest.approx(0.25)
+    assert cal.pixel == pytest.approx(0.7 + 0.1 * 0.2)
+    with pytest.raises(ConfigError, match="at least 2 normal references"):
+        calibrate([0.1], [0.2])
+
+
+def test_detector_api_end_to_end(texture_set, tmp_path):
+    import vlad
+
+    det = vlad.Detector("winclip", backbone="random:tiny", device="cpu", object_name="texture")
+    r = det.detect(texture_set["bad"])
+    assert r.anomaly_map.shape == (128, 128) and r.threshold_source == "default"
+    det.fit(texture_set["refs"][:3])
+    r2 = det.detect_many([texture_set["bad"], texture_set["good"]])
+    assert [x.threshold_source for x in r2] == ["calibrated", "calibrated"]
+    img = det.overlay(r2[0], texture_set["bad"])
+    assert img.size == (128, 128)
