@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test venv clean
+.PHONY: run demo test venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,14 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The web UI on http://127.0.0.1:7860. Without weights on disk it runs on random weights (and says so loudly);
+# `make run BACKBONE=openclip:ViT-B-16-plus-240@laion400m_e31 LVLM=openai:http://127.0.0.1:8000/v1` for real use.
 run: venv
+	$(VENV)/bin/vlad serve --backbone "$(or $(BACKBONE),random:tiny)" --lvlm "$(or $(LVLM),template)" \
+		--port "$(or $(PORT),7860)"
+
+# The command-line path: inspect the bundled sample images and write overlays.
+demo: venv
 	$(VENV)/bin/vlad detect $$($(PY) -c "import vlad.resources as r; print(r.samples_dir())") \
 		--object "$(or $(OBJECT),part)" --backbone "$(or $(BACKBONE),random:tiny)" --out "$(or $(OUT),vlad-out)"
 

@@ -13,11 +13,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vlad import train_cli
+from vlad.explain import cli as explain_cli
 from vlad.errors import VladError
 
 logger = logging.getLogger("vlad")
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+_EXTENSION_HANDLERS: dict = {}  # subcommands contributed by other modules (train-adapter, chat, rules, ...)
 
 
 class UsageError(VladError):
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=["table", "json"], default="table", help="what to print")
     d.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
     _add_model_options(d)
+    train_cli.add_adapter_option(d)
+    explain_cli.add_explain_options(d)
 
     e = sub.add_parser("eval", help="evaluate a scorer on an MVTec AD / VisA / folder dataset")
     e.add_argument("--root", required=True, help="dataset root")
@@ -96,8 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--legacy-aupro", action="store_true", help="also report the 200-threshold paper-style AUPRO")
     e.add_argument("--out", default=None, help="write the metrics JSON here")
     _add_model_options(e)
+    train_cli.add_adapter_option(e)
+    explain_cli._add_lvlm_options(e.add_argument_group("language-model verdicts (optional)"))
+    e.set_defaults(lvlm=None)
 
     sub.add_parser("scorers", help="list the scorers")
+
+    s = sub.add_parser("serve", help="start the web UI (Gradio) on 127.0.0.1:7860")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_positive_int, default=7860)
+    s.add_argument("--scorer", default="winclip")
+    s.add_argument("--backbone", default=None, help="backbone spec (default: the scorer's)")
+    s.add_argument("--lvlm", default="template", help="explainer: template, openai:URL[#model], transformers:MODEL")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--auth", default=None, help="user:password for basic login")
+    _EXTENSION_HANDLERS.clear()
+    _EXTENSION_HANDLERS.update(train_cli.register(sub))
+    _EXTENSION_HANDLERS.update(explain_cli.register(sub))
     return parser
 
 
@@ -106,9 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from vlad.cli_commands import run_detect, run_eval, run_scorers
+    from vlad.cli_commands import run_detect, run_eval, run_scorers, run_serve
 
-    commands = {"detect": run_detect, "eval": run_eval, "scorers": run_scorers}
+    commands = {"detect": run_detect, "eval": run_eval, "scorers": run_scorers, "serve": run_serve,
+                **_EXTENSION_HANDLERS}
     try:
         return commands[args.command](args)
     except VladError as exc:

@@ -44,7 +44,9 @@ def build_scorer(args: argparse.Namespace) -> Any:
         extra[option] = value
     if getattr(args, "concepts", None):
         extra["concepts"] = args.concepts
-    return get_scorer(
+    from vlad.train_cli import apply_adapter_option
+
+    scorer = get_scorer(
         args.scorer,
         backbone=args.backbone,
         device=args.device,
@@ -55,6 +57,7 @@ def build_scorer(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size,
         **extra,
     )
+    return apply_adapter_option(scorer, args)
 
 
 def _expand_or_fail(inputs: Sequence[str], option: str) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -100,6 +103,7 @@ def _result_row(path: Path, result: Any, overlay: Path | None, args: argparse.Na
         "object": args.object_name,
         **{k: d[k] for k in ("scorer", "backbone", "pred_score", "normalized_score", "pred_label", "verdict")},
         **{k: d[k] for k in ("threshold", "pixel_threshold", "threshold_source", "regions", "image_size")},
+        "adapter": d["meta"].get("adapter"),
         "overlay": str(overlay) if overlay else None,
         "timings": d["timings"],
         "warnings": d["warnings"],
@@ -135,7 +139,12 @@ def _score_files(scorer: Any, files: list[Path], args: argparse.Namespace, out: 
                 suffix = "" if stems[path.stem] == 1 else f"_{stems[path.stem]}"
                 overlay = out / f"{path.stem}{suffix}_overlay.png"
                 render_result(image, result).save(overlay)
-            rows.append(_result_row(path, result, overlay, args))
+            row = _result_row(path, result, overlay, args)
+            if getattr(args, "explain", False):
+                from vlad.explain.cli import explain_row
+
+                row.update(explain_row(image, result, args.object_name, args, backbone=scorer.backbone))
+            rows.append(row)
     order = {str(p): i for i, p in enumerate(files)}
     return sorted(rows, key=lambda r: order[r["path"]])
 
@@ -154,6 +163,11 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def run_detect(args: argparse.Namespace) -> int:
+    if getattr(args, "explain", False):
+        from vlad.explain.cli import check_explain_args, reset_backends
+
+        check_explain_args(args)
+        reset_backends()
     files, problems = _expand_or_fail(args.inputs, "inputs")
     refs = _load_references(args.refs) if args.refs is not None else None
     scorer = build_scorer(args)
@@ -208,7 +222,9 @@ def _resize_map(amap: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(amap).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def _evaluate_category(scorer: Any, samples: list[Any], name: str, args: argparse.Namespace) -> dict[str, Any]:
+def _evaluate_category(
+    scorer: Any, samples: list[Any], name: str, args: argparse.Namespace, tracker: Any = None
+) -> dict[str, Any]:
     from vlad.data import load_image, load_mask
     from vlad.metrics import compute_metrics
 
@@ -223,7 +239,12 @@ def _evaluate_category(scorer: Any, samples: list[Any], name: str, args: argpars
     step = _chunks(scorer, len(loaded))
     for start in _progress(range(0, len(loaded), step), (len(loaded) + step - 1) // step, name):
         batch = loaded[start : start + step]
-        for (s, _), result in zip(batch, scorer.score_many([im for _, im in batch], name), strict=True):
+        for (s, image), result in zip(batch, scorer.score_many([im for _, im in batch], name), strict=True):
+            if tracker is not None:
+                from vlad.explain.cli import explain_row
+
+                row = explain_row(image, result, name, args, backbone=scorer.backbone)
+                tracker.add(s.category, s.label, row["report"])
             scores.append(result.pred_score)
             labels.append(s.label)
             maps.append(_resize_map(result.anomaly_map, size))
@@ -260,6 +281,14 @@ def run_eval(args: argparse.Namespace) -> int:
     for s in samples:
         by_category[s.category].append(s)
     scorer = build_scorer(args)
+    tracker = None
+    if args.lvlm:
+        from vlad.explain.cli import check_explain_args, reset_backends
+        from vlad.explain.verdicts import VerdictTracker
+
+        check_explain_args(args)
+        reset_backends()
+        tracker = VerdictTracker()
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for category, items in sorted(by_category.items()):
@@ -268,10 +297,12 @@ def run_eval(args: argparse.Namespace) -> int:
             scorer.fit(reference_images(args.root, args.layout, category, args.shots, seed=args.seed))
         else:
             scorer.clear_references()
-        results[category] = _evaluate_category(scorer, _limit(items, args.limit, args.seed), name, args)
+        results[category] = _evaluate_category(scorer, _limit(items, args.limit, args.seed), name, args, tracker)
     per_category = {c: r["metrics"] for c, r in results.items()}
     mean = macro_mean(per_category)
     _print_metrics(per_category, mean)
+    if tracker is not None:
+        print(f"\nlanguage-model verdicts ({args.lvlm}):\n{tracker.format_table()}")
     failed = sum(len(r["failed"]) for r in results.values())
     payload = {
         "settings": {**scorer.describe(), "root": str(args.root), "layout": args.layout, "shots": args.shots,
@@ -279,6 +310,7 @@ def run_eval(args: argparse.Namespace) -> int:
                      "auxiliary_training_data": None, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "per_category": results,
         "mean": mean,
+        "lvlm_verdicts": None if tracker is None else {"lvlm": args.lvlm, **tracker.summary()},
         "seconds": round(time.perf_counter() - started, 2),
         "warnings": list(scorer.warnings()),
     }  # fmt: skip
@@ -306,3 +338,23 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)
+
+
+# ---------------------------------------------------------------------- serve
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise UsageError("--auth must look like user:password")
+        auth = (user, password)
+    try:
+        from webui.app import build_app, launch
+    except ImportError as exc:
+        raise UsageError(f"the web UI needs gradio: pip install 'vlad[ui]' ({exc})") from exc
+    demo = build_app(scorer=args.scorer, backbone=args.backbone, lvlm=args.lvlm, device=args.device)
+    print(f"vlad web UI on http://{args.host}:{args.port}", flush=True)
+    launch(demo, host=args.host, port=args.port, auth=auth)
+    return EXIT_OK

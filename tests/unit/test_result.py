@@ -95,3 +95,19 @@ def test_detector_api_end_to_end(texture_set, tmp_path):
     assert [x.threshold_source for x in r2] == ["calibrated", "calibrated"]
     img = det.overlay(r2[0], texture_set["bad"])
     assert img.size == (128, 128)
+
+
+def test_rethreshold_matches_rescoring(tiny_backbone, texture_set):
+    from vlad.api import rethreshold
+    from vlad.scorers.winclip import WinClipScorer
+
+    base = WinClipScorer(tiny_backbone).fit(texture_set["refs"]).score(texture_set["bad"], "texture")
+    eager = WinClipScorer(tiny_backbone, sensitivity=0.9).fit(texture_set["refs"]).score(texture_set["bad"], "texture")
+    moved = rethreshold(base, 0.9)
+    assert moved.threshold == pytest.approx(eager.threshold)
+    assert moved.pixel_threshold == pytest.approx(eager.pixel_threshold)
+    np.testing.assert_array_equal(moved.pred_mask, eager.pred_mask)
+    assert moved.normalized_score == pytest.approx(eager.normalized_score)
+    assert len(moved.regions) == len(eager.regions)
+    back = rethreshold(moved, 0.5)
+    assert back.threshold == pytest.approx(base.threshold)

@@ -105,6 +105,7 @@ class Scorer:
         self._calibrated: dict[str, Thresholds] = {}
         self._calibration_warning: str | None = None
         self.transform = self._concept_transform(concepts)
+        self.adapter: str | None = None  # set by vlad.adapters.apply_adapter
 
     def _concept_transform(self, concepts: str | Any | None) -> Any:
         if concepts is None or (isinstance(concepts, str) and not concepts.strip()):
@@ -268,7 +269,8 @@ class Scorer:
             backbone=self.backbone.spec,
             timings=timings,
             warnings=self.warnings(),
-            meta={"pixel_scale": th.pixel_scale, "image_size": self.image_size, "references": self._n_references},
+            meta={"pixel_scale": th.pixel_scale, "image_size": self.image_size, "references": self._n_references,
+                  "sensitivity": self.sensitivity, "adapter": self.adapter},  # fmt: skip
         )
 
     def warnings(self) -> tuple[str, ...]:
@@ -290,6 +292,7 @@ class Scorer:
             "sensitivity": self.sensitivity,
             "threshold": self.user_threshold,
             "concepts": None if self.transform is None else self.transform.describe(),
+            "adapter": self.adapter,
         }
 
 

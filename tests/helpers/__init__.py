@@ -1,0 +1,1 @@
+"""Test helpers shared by several test modules (tiny random models built on the spot, never downloaded)."""

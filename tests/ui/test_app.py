@@ -1,0 +1,57 @@
+"""The app in process through gradio_client: upload and chat, sensitivity, batch, rules endpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def app_url(service):
+    from webui.app import build_app, launch
+
+    demo = build_app(service)
+    _, url, _ = launch(demo, port=None, block=False)
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def client(app_url):
+    from gradio_client import Client
+
+    c = Client(app_url, verbose=False)
+    yield c
+    c.close()
+
+
+def test_build_app_has_the_endpoints(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    names = set(api["named_endpoints"])
+    assert {"/chat", "/sensitivity", "/batch", "/rules"} <= names
+
+
+def test_chat_upload_then_question(client, uploads):
+    from gradio_client import handle_file
+
+    out = client.predict({"text": "", "files": [handle_file(str(uploads["bad"]))]}, [], "part", "winclip", "", None,
+                         "", 0.5, api_name="/chat")  # fmt: skip
+    box, history, verdict, slider, regions, report = out
+    assert any("part:" in str(m.get("content")) for m in history)
+    assert "NORMAL" in verdict or "ANOMALOUS" in verdict
+    assert report and str(report).endswith("report.json")
+    # the session (gr.State) remembers the image: the follow-up needs no history from the client
+    out = client.predict({"text": "how big is it?", "files": []}, [], "part", "winclip", "", None, "", 0.5,
+                         api_name="/chat")  # fmt: skip
+    answer = out[1][-1]
+    assert answer["role"] == "assistant" and "Drop a photo" not in str(answer["content"])
+    assert "%" in str(answer["content"]) or "pixel" in str(answer["content"])
+
+
+def test_batch_endpoint(client, uploads):
+    from gradio_client import handle_file
+
+    files = [handle_file(str(uploads["good"])), handle_file(str(uploads["bad"]))]
+    table, gallery, downloads, status = client.predict(files, "part", "winclip", "", None, "", 0.5, api_name="/batch")
+    assert status == "2 of 2 images scored."
+    assert [row[0] for row in table["data"]] == ["good.png", "defect.png"]
+    assert len(downloads) == 2

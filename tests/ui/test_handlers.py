@@ -1,0 +1,85 @@
+"""The UI's handlers as plain functions: chat turns, errors in the chat, sensitivity, batch, status line."""
+
+from __future__ import annotations
+
+from webui.app import chat, resensitise, run_batch
+from webui.service import InspectorService, Session
+
+SETTINGS = ("part", "winclip", "", None, "", 0.5)
+
+
+def _run(service, message, history=None, session=None, settings=SETTINGS):
+    *_, last = chat(service, message, history or [], session, *settings)
+    return last
+
+
+def test_new_image_then_follow_up_keeps_context(service, uploads):
+    _, history, session, verdict, slider, regions, report = _run(service, {"text": "", "files": [str(uploads["bad"])]})
+    assert session.inspection is not None and session.inspection.product == "part"
+    assert history[0]["content"] == {"path": str(uploads["bad"])}
+    assert history[1]["metadata"]["title"].startswith("Working: winclip")
+    assert "score" in history[1]["content"] and "threshold" in history[1]["content"]
+    assert history[2]["content"].startswith("**part: ")
+    assert ("ANOMALOUS" in verdict) or ("NORMAL" in verdict)
+    assert slider[0].size == slider[1].size == session.inspection.image.size
+    assert report.endswith("report.json")
+    _, history2, session2, *_ = _run(service, {"text": "where is it?", "files": []}, history, session)
+    assert session2 is session and len(history2) == len(history) + 2
+    assert history2[-1]["role"] == "assistant" and history2[-1]["content"]
+    assert "need a language model" not in history2[-1]["content"]
+
+
+def test_question_without_image_asks_for_one(service):
+    _, history, *_ = _run(service, {"text": "is it broken?", "files": []})
+    assert "Drop a photo" in history[-1]["content"]
+
+
+def test_corrupt_and_oversized_uploads_are_told_in_the_chat(uploads):
+    small = InspectorService(backbone="random:tiny", device="cpu", max_upload_mb=1)
+    _, history, *_ = _run(small, {"text": "", "files": [str(uploads["corrupt"])]})
+    assert history[-1]["content"].startswith("⚠️") and "corrupt.png" in history[-1]["content"]
+    assert "Traceback" not in history[-1]["content"]
+    _, history, *_ = _run(small, {"text": "", "files": [str(uploads["big"])]})
+    assert "over the upload limit of 1 MB" in history[-1]["content"]
+
+
+def test_unreachable_lvlm_is_announced_and_template_answers():
+    svc = InspectorService(backbone="random:tiny", device="cpu", lvlm="openai:http://127.0.0.1:9/v1")
+    assert svc.lvlm_problem
+    assert "unreachable" in svc.status_markdown()
+    assert svc.explainer() == "template"
+
+
+def test_random_backbone_warning_in_status(service):
+    assert "random weights" in service.status_markdown()
+
+
+def test_sensitivity_rethresholds_without_rescoring(service, uploads):
+    _, _, session, *_ = _run(service, {"text": "", "files": [str(uploads["bad"])]})
+    before = session.inspection.result
+    session, verdict, *_ = resensitise(service, session, 1.0)
+    after = session.inspection.result
+    assert after.pred_score == before.pred_score
+    assert after.threshold < before.threshold
+    assert after.anomaly_map is before.anomaly_map or (after.anomaly_map == before.anomaly_map).all()
+
+
+def test_sessions_are_isolated(service, uploads):
+    a, b = Session(), Session()
+    _run(service, {"text": "", "files": [str(uploads["bad"])]}, session=a, settings=("bottle", "winclip", "", None,
+                                                                                      "", 0.5))  # fmt: skip
+    _run(service, {"text": "", "files": [str(uploads["good"])]}, session=b, settings=("screw", "winclip", "", None,
+                                                                                       "", 0.5))  # fmt: skip
+    assert a.inspection.product == "bottle" and b.inspection.product == "screw"
+    assert a.folder != b.folder and a.inspection.report_path != b.inspection.report_path
+
+
+def test_batch_reports_every_file(service, uploads, tmp_path):
+    session, table, gallery, downloads, status = run_batch(
+        service, [str(uploads["good"]), str(uploads["corrupt"]), str(uploads["bad"])], None, *SETTINGS
+    )
+    assert [row[0] for row in table] == ["good.png", "corrupt.png", "defect.png"]
+    assert table[1][1] == "error" and "corrupt.png" in table[1][6]
+    assert status == "2 of 3 images scored."
+    assert downloads[0].endswith("batch.csv") and downloads[1].endswith("batch.json")
+    assert len(gallery) == 3

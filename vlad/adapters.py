@@ -1,0 +1,425 @@
+"""Learned adapters: Crane-style prompt context vectors and LoRA on the vision tower (save, load, apply).
+
+An adapter is a folder with ``adapter.json`` (the metadata below, strict: unknown or missing keys are errors) and one
+weights file:
+
+- ``crane-prompts``: ``prompts.safetensors`` with ``ctx_pos`` and ``ctx_neg``, each (n_ctx, text width), the learned
+  context of ``"X ... X object."`` (normal) and ``"X ... X damaged object."`` (anomalous). Applying one encodes the two
+  prompts once and hands the (2, D) features to :meth:`CraneScorer.set_text_features`; Crane and its subclasses
+  (FiLo) accept it.
+- ``lora``: ``lora.safetensors``, the peft LoRA state dict of the vision tower's ``mlp.c_fc`` / ``mlp.c_proj`` layers.
+  Applying one deep-copies the CLIP model's vision tower (the text tower is shared, it is unchanged), injects LoRA
+  into the copy and gives the scorer a new :class:`ClipBackbone` around it. The cached backbone that
+  :func:`vlad.backbones.load_backbone` shares between scorers is never modified. Any scorer accepts it.
+
+  LoRA targets the MLPs on purpose, not ``attn``: the dense engine (:mod:`vlad.backbones.dense`) re-implements each
+  block around ``attn.in_proj_weight`` and ``attn.out_proj.weight``, so peft's ``MultiheadAttention`` LoRA (which
+  merges its delta only inside ``nn.MultiheadAttention.forward``) would be silently bypassed there; the MLPs are
+  called as modules everywhere.
+
+An adapter names the backbone it was trained on; applying it to a scorer on another backbone raises
+:class:`~vlad.errors.ConfigError` naming both. This module imports torch only inside functions; reading metadata is
+torch-free.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlad.errors import BackboneError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlad.backbones.clip import ClipBackbone
+    from vlad.scorers.base import Scorer
+
+logger = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("crane-prompts", "lora")
+METADATA_FILE = "adapter.json"
+WEIGHTS_FILES: dict[str, str] = {"crane-prompts": "prompts.safetensors", "lora": "lora.safetensors"}
+FORMAT_VERSION = 1
+PROMPT_KEYS = ("ctx_pos", "ctx_neg")
+LORA_TARGETS = r"visual\.transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)"
+"""peft ``target_modules`` regex: the vision MLPs only (see the module docstring for why not ``attn``)."""
+
+
+@dataclass(frozen=True)
+class AdapterMetadata:
+    """What ``adapter.json`` holds.
+
+    Attributes:
+        method: one of :data:`METHODS`.
+        backbone: the backbone spec it was trained on (applying checks it).
+        layers: refined layers (1-based) whose tokens the training loss read.
+        attention: the dense engine's refined attention during training (e.g. ``qq+kk+vv``).
+        first_refined: first refined block during training.
+        image_size: training input side in pixels.
+        prompts: ``normal`` / ``anomalous`` templates (``X`` marks a learned context token), or for LoRA the prompt
+            bank that gave the fixed text prototypes (``{"ensemble": "winclip"}``).
+        training_data: root, layout, categories, split, synthetic, counts.
+        epochs: epochs trained (fixed a priori, no early stopping).
+        date: UTC ISO-8601 time the training finished.
+        n_ctx: learned context tokens per prompt (crane-prompts), else None.
+        lora: ``{"r", "alpha", "dropout", "target_modules"}`` (lora), else None.
+        seed: training seed.
+        lr: Adam learning rate.
+        batch_size: images per step.
+        loss_history: mean training loss per epoch.
+        vlad_version: the vlad version that trained it.
+        format_version: :data:`FORMAT_VERSION`.
+    """
+
+    method: str
+    backbone: str
+    layers: tuple[int, ...]
+    attention: str
+    first_refined: int
+    image_size: int
+    prompts: dict[str, Any]
+    training_data: dict[str, Any]
+    epochs: int
+    date: str
+    n_ctx: int | None = None
+    lora: dict[str, Any] | None = None
+    seed: int = 0
+    lr: float = 1e-3
+    batch_size: int = 8
+    loss_history: tuple[float, ...] = ()
+    vlad_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layers"], out["loss_history"] = list(self.layers), list(self.loss_history)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "adapter metadata") -> AdapterMetadata:
+        """Validate a parsed ``adapter.json``: unknown, missing or mistyped keys raise ConfigError naming ``source``."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ConfigError(f"{source}: missing key(s) {missing}")
+        for key, value in data.items():
+            _check_kind(key, value, source)
+        values = dict(data)
+        values["layers"] = tuple(values["layers"])
+        values["loss_history"] = tuple(float(v) for v in values.get("loss_history", ()))
+        meta = cls(**values)
+        meta._check_values(source)
+        return meta
+
+    def _check_values(self, source: str) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"{source}: unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
+        if self.format_version != FORMAT_VERSION:
+            raise ConfigError(f"{source}: format_version {self.format_version} unsupported; this vlad reads "
+                              f"{FORMAT_VERSION}")  # fmt: skip
+        if self.method == "crane-prompts" and (self.n_ctx is None or self.n_ctx < 1):
+            raise ConfigError(f"{source}: crane-prompts adapters need n_ctx >= 1, got {self.n_ctx!r}")
+        if self.method == "lora" and (self.lora is None or not {"r", "alpha", "target_modules"} <= set(self.lora)):
+            raise ConfigError(f"{source}: lora adapters need lora = {{r, alpha, target_modules}}, got {self.lora!r}")
+        if not self.layers or any(layer < 1 for layer in self.layers):
+            raise ConfigError(f"{source}: layers must be positive layer numbers, got {list(self.layers)}")
+
+
+_KINDS: dict[str, tuple[type, ...]] = {
+    "method": (str,), "backbone": (str,), "layers": (list,), "attention": (str,), "first_refined": (int,),
+    "image_size": (int,), "prompts": (dict,), "training_data": (dict,), "epochs": (int,), "date": (str,),
+    "n_ctx": (int, type(None)), "lora": (dict, type(None)), "seed": (int,), "lr": (int, float),
+    "batch_size": (int,), "loss_history": (list,), "vlad_version": (str,), "format_version": (int,),
+}  # fmt: skip
+
+
+def _check_kind(key: str, value: Any, source: str) -> None:
+    kinds = _KINDS[key]
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    if ok and key == "layers":
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if ok and key == "loss_history":
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok:
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise ConfigError(f"{source}: key {key!r} must be {names}{' of numbers' if kinds == (list,) else ''}, "
+                          f"got {value!r}")  # fmt: skip
+
+
+@dataclass
+class Adapter:
+    """Metadata plus weights.
+
+    Attributes:
+        metadata: see :class:`AdapterMetadata`.
+        tensors: name -> CPU tensor; ``ctx_pos`` / ``ctx_neg`` (n_ctx, width) or peft LoRA keys.
+        source: where it was loaded from (a folder), or ``"<memory>"``.
+    """
+
+    metadata: AdapterMetadata
+    tensors: dict[str, torch.Tensor]
+    source: str = "<memory>"
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).name if self.source != "<memory>" else f"<{self.metadata.method} adapter>"
+
+
+# ---------------------------------------------------------------------- files
+def available_adapters() -> list[str]:
+    """Names of the adapters bundled with vlad (folders in ``adapters/`` holding ``adapter.json``)."""
+    from vlad.resources import adapters_dir
+
+    try:
+        root = adapters_dir()
+    except FileNotFoundError:
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / METADATA_FILE).is_file())
+
+
+def resolve_adapter(name_or_path: str | Path) -> Path:
+    """The adapter folder for a bundled adapter NAME or a path (the folder or its ``adapter.json``).
+
+    Raises:
+        ConfigError: neither a bundled name nor a folder with ``adapter.json``.
+    """
+    text = str(name_or_path).strip()
+    if not text:
+        raise ConfigError("empty adapter name; give a bundled adapter name or a folder with adapter.json")
+    if "/" not in text and "\\" not in text and text in available_adapters():
+        from vlad.resources import adapters_dir
+
+        return adapters_dir() / text
+    path = Path(text).expanduser()
+    if path.is_file() and path.name == METADATA_FILE:
+        path = path.parent
+    if (path / METADATA_FILE).is_file():
+        return path
+    raise ConfigError(f"adapter {text!r} not found: not a bundled adapter (available: {available_adapters()}) and "
+                      f"not a folder with {METADATA_FILE}")  # fmt: skip
+
+
+def read_metadata(folder: str | Path) -> AdapterMetadata:
+    """Parse and validate ``folder/adapter.json`` (torch-free)."""
+    path = Path(folder) / METADATA_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read adapter metadata {path}: {exc}") from exc
+    return AdapterMetadata.from_dict(data, str(path))
+
+
+def load_adapter(name_or_path: str | Path) -> Adapter:
+    """Load a bundled adapter by name, or one from a folder; weights come back on the CPU.
+
+    Raises:
+        ConfigError: not found, bad metadata, missing or malformed weights.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = resolve_adapter(name_or_path)
+    meta = read_metadata(folder)
+    weights = folder / WEIGHTS_FILES[meta.method]
+    if not weights.is_file():
+        raise ConfigError(f"adapter {folder}: weights file {weights.name} is missing")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"adapter {folder}: cannot read {weights.name}: {exc}") from exc
+    _check_tensors(meta, tensors, str(folder))
+    return Adapter(meta, tensors, str(folder))
+
+
+def save_adapter(adapter: Adapter, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``folder/adapter.json`` and the weights file; returns the folder.
+
+    Raises:
+        ConfigError: the folder already holds an adapter and ``overwrite`` is False.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    if (out / METADATA_FILE).exists() and not overwrite:
+        raise ConfigError(f"{out} already holds an adapter; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = adapter.metadata
+    _check_tensors(meta, adapter.tensors, str(out))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.tensors.items()}
+    header = {"method": meta.method, "backbone": meta.backbone}
+    save_file(tensors, str(out / WEIGHTS_FILES[meta.method]), metadata=header)
+    text = json.dumps(meta.to_dict(), indent=2) + "\n"
+    (out / METADATA_FILE).write_text(text, encoding="utf-8")  # last: a folder with adapter.json is complete
+    adapter.source = str(out)
+    return out
+
+
+def _check_tensors(meta: AdapterMetadata, tensors: dict[str, Any], source: str) -> None:
+    if meta.method == "crane-prompts":
+        if set(tensors) != set(PROMPT_KEYS):
+            raise ConfigError(f"adapter {source}: prompt weights must be {list(PROMPT_KEYS)}, got {sorted(tensors)}")
+        shapes = {tuple(t.shape) for t in tensors.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != meta.n_ctx:
+            raise ConfigError(f"adapter {source}: ctx_pos/ctx_neg must both be (n_ctx={meta.n_ctx}, width), got "
+                              f"{sorted(shapes)}")  # fmt: skip
+    elif not tensors or any("lora_" not in k for k in tensors):
+        raise ConfigError(f"adapter {source}: LoRA weights must be non-empty peft lora_A/lora_B tensors")
+
+
+# ---------------------------------------------------------------------- applying
+def _spec_key(spec: str) -> tuple[Any, ...]:
+    """Normalise a backbone spec for comparison (the same model and weights in another spelling compare equal)."""
+    from vlad.backbones import parse_spec
+
+    try:
+        parsed = parse_spec(spec)
+    except BackboneError:
+        return (spec.strip(),)
+    return (parsed.model, parsed.pretrained, parsed.random)
+
+
+def check_backbone(adapter: Adapter, backbone: ClipBackbone) -> None:
+    """Raise ConfigError naming both specs when the adapter was trained on another backbone."""
+    trained = adapter.metadata.backbone
+    if _spec_key(trained) != _spec_key(backbone.spec):
+        raise ConfigError(
+            f"adapter {adapter.name} was trained for backbone {trained!r} but the scorer uses {backbone.spec!r}; "
+            f"use --backbone {trained} or train an adapter for {backbone.spec}"
+        )
+
+
+def apply_adapter(scorer: Scorer, adapter: Adapter | str | Path) -> Scorer:
+    """Apply an adapter (or a bundled name / a folder) to a scorer in place; returns the scorer.
+
+    ``crane-prompts`` needs a :class:`~vlad.scorers.crane.CraneScorer` (or a subclass such as FiLo) and replaces its
+    text prototypes; ``lora`` works with any scorer and replaces its backbone by a LoRA'd copy.
+
+    Raises:
+        ConfigError: wrong backbone, wrong scorer kind, LoRA on a scorer that already holds few-shot references, or
+            weights that do not fit the model.
+    """
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter)
+    check_backbone(adapter, scorer.backbone)
+    if adapter.metadata.method == "crane-prompts":
+        _apply_prompts(scorer, adapter)
+    else:
+        _apply_lora(scorer, adapter)
+    scorer.adapter = f"{adapter.metadata.method}:{adapter.name}"
+    logger.info("applied %s adapter %s to scorer %s", adapter.metadata.method, adapter.name, scorer.name)
+    return scorer
+
+
+def maybe_apply_adapter(scorer: Scorer, name_or_path: str | Path | None) -> Scorer:
+    """:func:`apply_adapter` when a name or path is given (the ``--adapter`` option), else the scorer unchanged."""
+    return scorer if name_or_path is None else apply_adapter(scorer, name_or_path)
+
+
+def _apply_prompts(scorer: Scorer, adapter: Adapter) -> None:
+    import torch
+
+    from vlad.scorers.crane import CraneScorer
+    from vlad.training import PromptLearner
+
+    if not isinstance(scorer, CraneScorer):
+        raise ConfigError(f"crane-prompts adapter {adapter.name} needs a Crane-family scorer (crane, filo), got "
+                          f"{scorer.name!r}")  # fmt: skip
+    meta = adapter.metadata
+    if (tuple(scorer.layers), scorer.attention) != (meta.layers, meta.attention):
+        logger.warning(
+            "adapter %s was trained with layers %s and %s attention; scorer %s uses %s and %s",
+            adapter.name, meta.layers, meta.attention, scorer.name, scorer.layers, scorer.attention,
+        )  # fmt: skip
+    learner = PromptLearner.from_adapter(scorer.backbone, adapter)
+    with torch.no_grad():
+        scorer.set_text_features(learner())
+
+
+def _apply_lora(scorer: Scorer, adapter: Adapter) -> None:
+    if scorer.few_shot:
+        raise ConfigError(f"apply LoRA adapter {adapter.name} before fit(): the {scorer.n_references} reference "
+                          f"features were computed without it")  # fmt: skip
+    if any("lora_" in name for name, _ in scorer.backbone.model.named_parameters()):
+        raise ConfigError(f"cannot apply LoRA adapter {adapter.name}: scorer {scorer.name!r} already has one")
+    scorer.backbone = lora_backbone(scorer.backbone, adapter.metadata.lora or {}, adapter.tensors, adapter.name)
+    scorer.grid = scorer.backbone.grid_for(scorer.image_size)
+
+
+def lora_backbone(
+    base: ClipBackbone, lora: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, name: str = "adapter"
+) -> ClipBackbone:
+    """A new backbone whose vision tower is a LoRA'd copy of ``base``'s (``base`` is left untouched).
+
+    Args:
+        base: the backbone to copy (the text tower is shared, not copied).
+        lora: ``{"r", "alpha", "dropout", "target_modules"}``.
+        tensors: peft LoRA state dict to load; None keeps peft's initialisation (B = 0: the identity).
+        name: for error messages.
+
+    Raises:
+        ConfigError: peft is missing, or the tensors do not fit the model.
+    """
+    from vlad.backbones.clip import ClipBackbone
+
+    peft = require_peft()
+    model = _copy_vision_tower(base.model)
+    config = peft.LoraConfig(
+        r=int(lora["r"]),
+        lora_alpha=float(lora["alpha"]),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=str(lora["target_modules"]),
+    )
+    try:
+        model = peft.inject_adapter_in_model(config, model)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA adapter {name}: cannot inject into {base.spec}: {exc}") from exc
+    if tensors is not None:
+        _load_lora_state(peft, model, tensors, name, base.spec)
+    backbone = ClipBackbone(model=model, tokenizer=base.tokenizer, spec=base.spec, device=base.device, dtype=base.dtype,
+                            is_random=base.is_random, _text_cache=base._text_cache)  # fmt: skip
+    return backbone
+
+
+def _load_lora_state(peft: Any, model: Any, tensors: dict[str, torch.Tensor], name: str, spec: str) -> None:
+    expected = {k: v.shape for k, v in peft.get_peft_model_state_dict(model).items()}
+    if set(expected) != set(tensors):
+        extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+        raise ConfigError(f"LoRA adapter {name} does not fit {spec}: unexpected {extra[:3]}, missing {missing[:3]}")
+    bad = [k for k, shape in expected.items() if tuple(shape) != tuple(tensors[k].shape)]
+    if bad:
+        got, need = tuple(tensors[bad[0]].shape), tuple(expected[bad[0]])
+        raise ConfigError(f"LoRA adapter {name} does not fit {spec}: {bad[0]} has shape {got}, the model needs {need}")
+    peft.set_peft_model_state_dict(model, tensors)
+
+
+def _copy_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a CLIP model in which everything outside ``visual`` is shared with the original (frozen)."""
+    shared: dict[int, Any] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith("visual."):
+            shared[id(tensor)] = tensor
+    for name, module in model.named_modules():
+        if name and name != "visual" and not name.startswith("visual."):
+            shared[id(module)] = module
+    return copy.deepcopy(model, memo=shared)
+
+
+def require_peft() -> Any:
+    """The peft module, or a ConfigError with the install command."""
+    try:
+        import peft
+    except ImportError as exc:
+        raise ConfigError("LoRA adapters need the peft package: pip install 'peft>=0.13'") from exc
+    return peft

@@ -1,0 +1,118 @@
+"""``vlad train-adapter`` and the ``--adapter`` option of ``detect`` / ``eval`` (torch loads only when they run).
+
+Wiring in :mod:`vlad.cli`::
+
+    handlers = train_cli.register(sub)          # adds the train-adapter subcommand; returns {name: handler}
+    train_cli.add_adapter_option(detect_parser)  # and the eval parser
+    ...
+    scorer = apply_adapter_option(scorer, args)  # after building the scorer, before fit()
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def register(subparsers: Any) -> dict[str, Handler]:
+    """Add ``train-adapter`` to an argparse subparsers object; returns ``{"train-adapter": handler}``."""
+    from vlad.adapters import METHODS
+    from vlad.backbones import DEFAULT_BACKBONE
+
+    p = subparsers.add_parser(
+        "train-adapter",
+        help="train learned Crane prompts or a LoRA adapter on a dataset with masks or on synthetic defects",
+        description="Train Crane-style prompt context vectors (crane-prompts) or LoRA on the CLIP vision tower (lora). "
+        "Writes <out>/adapter.json and the weights; use them with --adapter on detect / eval.",
+    )
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--root", required=True, help="dataset root (for --layout folder: the category folder)")
+    p.add_argument("--layout", required=True, choices=["mvtec", "visa", "folder"])
+    p.add_argument("--category", nargs="+", default=None, help="categories to train on (default: all)")
+    p.add_argument("--synthetic", action="store_true", help="plant synthetic defects in the normal train images "
+                   "instead of using the test split's masks")  # fmt: skip
+    p.add_argument("--epochs", type=_positive_int, default=5, help="epochs, fixed a priori (default 5, as Crane)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--n-ctx", type=_positive_int, default=12, help="learned context tokens per prompt (crane-prompts)")
+    p.add_argument("--lora-rank", type=_positive_int, default=8, help="LoRA rank, alpha = 2 x rank (lora)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone spec (default {DEFAULT_BACKBONE})")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--image-size", type=_positive_int, default=None, help="input side (default: Crane's, 518 for "
+                   "ViT-L/14@336)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=111, help="seed (default 111, as Crane)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="at most N dataset images (a seeded subset)")
+    p.add_argument("--out", required=True, help="output folder, e.g. adapters/NAME")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
+    return {"train-adapter": run_train_adapter}
+
+
+def add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--adapter NAME_OR_PATH`` (a bundled adapter name or a folder with adapter.json)."""
+    parser.add_argument("--adapter", default=None, metavar="NAME_OR_PATH",
+                        help="learned adapter: a bundled name or a folder written by `vlad train-adapter`")  # fmt: skip
+
+
+def apply_adapter_option(scorer: Any, args: argparse.Namespace) -> Any:
+    """Apply ``args.adapter`` (when given) to a freshly built scorer; returns the scorer."""
+    name = getattr(args, "adapter", None)
+    if name is None:
+        return scorer
+    from vlad.adapters import apply_adapter
+
+    return apply_adapter(scorer, name)
+
+
+def run_train_adapter(args: argparse.Namespace) -> int:
+    """Train, save, print the per-epoch loss and where the adapter went."""
+    from vlad.adapters import METADATA_FILE, save_adapter
+    from vlad.errors import ConfigError
+    from vlad.training import TrainConfig, train_adapter
+
+    out = Path(args.out)
+    if (out / METADATA_FILE).exists() and not args.overwrite:
+        raise ConfigError(f"--out {out} already holds an adapter; choose another folder or pass --overwrite")
+    config = TrainConfig(
+        method=args.method, root=args.root, layout=args.layout, categories=args.category, synthetic=args.synthetic,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, n_ctx=args.n_ctx, lora_rank=args.lora_rank,
+        image_size=args.image_size, seed=args.seed, limit=args.limit,
+    )  # fmt: skip
+
+    def progress(epoch: int, loss: float) -> None:
+        print(f"epoch {epoch}/{args.epochs}  loss {loss:.5f}", flush=True)
+
+    adapter = train_adapter(config, args.backbone, device=args.device, progress=progress)
+    folder = save_adapter(adapter, out, overwrite=args.overwrite)
+    meta = adapter.metadata
+    print(f"{meta.method} adapter for {meta.backbone} trained on {meta.training_data['images']} images "
+          f"({meta.training_data['anomalous']} anomalous), {meta.epochs} epochs: {folder}")  # fmt: skip
+    return EXIT_OK
