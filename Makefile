@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run demo test venv clean
+.PHONY: run demo test venv browser clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ demo: venv
 	$(VENV)/bin/vlad detect $$($(PY) -c "import vlad.resources as r; print(r.samples_dir())") \
 		--object "$(or $(OBJECT),part)" --backbone "$(or $(BACKBONE),random:tiny)" --out "$(or $(OUT),vlad-out)"
 
-test: venv
+# The browser tests drive Debian's Chromium (no browser download): install it where it is missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Chromium for the browser tests (apt-get)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium >/dev/null; }
+
+test: venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
