@@ -40,6 +40,19 @@ def _time(fn, repeats: int, device: str) -> float:  # noqa: ANN001
     return (time.perf_counter() - start) / repeats
 
 
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scorer", default="winclip")
@@ -50,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--refs", type=int, default=0, help="number of (random) normal references: few-shot mode")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra scorer option, e.g. --set detector=none (values parsed as JSON when possible)")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -59,8 +74,13 @@ def main(argv: list[str] | None = None) -> dict:
     from vlad.scorers import get_scorer
 
     torch.manual_seed(0)
+    extra = _options(args.set)
+    if args.scorer == "filo":
+        extra.setdefault("detector", "none")  # the detector's cost is not the scorer's; measure it separately
     scorer = get_scorer(args.scorer, backbone=args.backbone, device=args.device, precision=args.precision,
-                        image_size=args.size, batch_size=args.batch)  # fmt: skip
+                        image_size=args.size, batch_size=args.batch, **extra)  # fmt: skip
+    if args.scorer == "laft" or scorer.transductive:
+        args.refs = max(args.refs, 2)  # laft needs references; musc needs other batch members
     rng = np.random.default_rng(0)
     size = scorer.image_size
     images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(args.batch)]
@@ -82,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "size": size,
         "batch": args.batch,
         "refs": args.refs,
+        "options": extra,
         "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
         "dtype": str(backbone.dtype).removeprefix("torch."),

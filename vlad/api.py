@@ -41,27 +41,44 @@ class Detector:
         backbone: str | None = None,
         references: Sequence[ImageLike] | None = None,
         object_name: str = "object",
+        rules: Any = None,
+        detector: Any = None,
         **scorer_kwargs: Any,
     ) -> None:
         from vlad.scorers import get_scorer
 
         self.scorer: Scorer = get_scorer(scorer, backbone=backbone, **scorer_kwargs)
         self.object_name = object_name
-        if references:
-            self.scorer.fit(references)
+        self.references: list[ImageLike] = list(references or [])
+        self.rules = rules
+        self.detector = detector
+        if self.references:
+            self.scorer.fit(self.references)
 
     def fit(self, references: Sequence[ImageLike]) -> Detector:
         """Use these normal references from now on (few-shot, calibrated threshold)."""
-        self.scorer.fit(references)
+        self.references = list(references)
+        self.scorer.fit(self.references)
         return self
 
-    def detect(self, image: ImageLike, object_name: str | None = None) -> AnomalyResult:
-        """Inspect one image."""
-        return self.scorer.score(image, object_name or self.object_name)
+    def detect(self, image: ImageLike, object_name: str | None = None, *, rules: Any = None) -> AnomalyResult:
+        """Inspect one image; ``rules`` (words, a file, or a RuleSet) override the detector's own for this call."""
+        return self.detect_many([image], object_name, rules=rules)[0]
 
-    def detect_many(self, images: Sequence[ImageLike], object_name: str | None = None) -> list[AnomalyResult]:
-        """Inspect images of one product in batches."""
-        return self.scorer.score_many(images, object_name or self.object_name)
+    def detect_many(
+        self, images: Sequence[ImageLike], object_name: str | None = None, *, rules: Any = None
+    ) -> list[AnomalyResult]:
+        """Inspect images of one product in batches, applying the rules in force (see :mod:`vlad.rules`)."""
+        name = object_name or self.object_name
+        rules = rules if rules is not None else self.rules
+        if rules is None:
+            return self.scorer.score_many(images, name)
+        from vlad.rules import score_with_rules
+        from vlad.rules.cli import load_rules_arg
+
+        ruleset = load_rules_arg(rules)
+        return score_with_rules(self.scorer, images, ruleset, object_name=name, detector=self.detector,
+                                references=self.references or None)  # fmt: skip
 
     @staticmethod
     def overlay(result: AnomalyResult, image: ImageLike) -> Image.Image:

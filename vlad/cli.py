@@ -15,6 +15,7 @@ from typing import Any
 
 from vlad import train_cli
 from vlad.explain import cli as explain_cli
+from vlad.rules import cli as rules_cli
 from vlad.errors import VladError
 
 logger = logging.getLogger("vlad")
@@ -67,8 +68,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=_finite_float, default=None, help="image and pixel threshold, raw units")
     g.add_argument("--sensitivity", type=_unit_float, default=0.5, help="0..1, higher flags more (default 0.5)")
     g.add_argument("--concepts", default=None, help='LAFT steering in words, e.g. "ignore colour" or "focus on cracks"')
-    g.add_argument("--detector", default=None, help="zero-shot detector for filo: grounding-dino[:DIR], owlv2[:DIR], "
-                   "none (default grounding-dino)")
+    g.add_argument("--detector", default=None, help="zero-shot detector for filo's boxes and for rules about objects: "
+                   "grounding-dino[:DIR], owlv2[:DIR], none")
     g.add_argument("--dattn", default=None, help="crane: DINOv2 spec for Crane+ D-Attn, e.g. "
                    "timm:vit_base_patch14_reg4_dinov2.lvd142m")
 
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
     _add_model_options(d)
     train_cli.add_adapter_option(d)
+    rules_cli.add_rules_option(d)
     explain_cli.add_explain_options(d)
 
     e = sub.add_parser("eval", help="evaluate a scorer on an MVTec AD / VisA / folder dataset")
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="write the metrics JSON here")
     _add_model_options(e)
     train_cli.add_adapter_option(e)
+    rules_cli.add_rules_option(e)
     explain_cli._add_lvlm_options(e.add_argument_group("language-model verdicts (optional)"))
     e.set_defaults(lvlm=None)
 
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _EXTENSION_HANDLERS.clear()
     _EXTENSION_HANDLERS.update(train_cli.register(sub))
     _EXTENSION_HANDLERS.update(explain_cli.register(sub))
+    _EXTENSION_HANDLERS.update(rules_cli.register(sub))
     return parser
 
 

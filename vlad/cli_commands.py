@@ -37,8 +37,8 @@ def build_scorer(args: argparse.Namespace) -> Any:
     extra: dict[str, Any] = {}
     for option, scorers in _SCORER_ONLY_OPTIONS.items():
         value = getattr(args, option, None)
-        if value is None:
-            continue
+        if value is None or (option == "detector" and getattr(args, "rules", None) and args.scorer not in scorers):
+            continue  # --detector also serves the rules (required objects, "% of the part")
         if args.scorer not in scorers:
             raise UsageError(f"--{option} applies to the {' and '.join(scorers)} scorer(s), not {args.scorer!r}")
         extra[option] = value
@@ -79,6 +79,39 @@ def run_scorers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------- rules
+
+
+class RulesInForce:
+    """``--rules`` for one run: concept rules configure the scorer once, the others act on each result."""
+
+    def __init__(self, ruleset: Any, scorer: Any, detector: Any, object_name: str) -> None:
+        from vlad.rules import configure_scorer
+
+        self.ruleset, self.scorer, self.detector, self.object_name = ruleset, scorer, detector, object_name
+        self.hits = configure_scorer(scorer, ruleset, object_name=object_name)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, scorer: Any) -> RulesInForce | None:
+        if not getattr(args, "rules", None):
+            return None
+        from vlad.rules.cli import load_rules_arg
+
+        ruleset = load_rules_arg(args.rules)
+        detector = None
+        if getattr(args, "detector", None):
+            from vlad.grounding import get_detector
+
+            detector = get_detector(args.detector)
+        return cls(ruleset, scorer, detector, getattr(args, "object_name", "object"))
+
+    def apply(self, result: Any, image: Any) -> Any:
+        from vlad.rules import apply_rules
+
+        return apply_rules(result, self.ruleset, image=image, backbone=self.scorer.backbone, detector=self.detector,
+                           object_name=self.object_name, scorer_hits=self.hits)  # fmt: skip
+
+
 # ---------------------------------------------------------------------- detect
 
 
@@ -103,6 +136,7 @@ def _result_row(path: Path, result: Any, overlay: Path | None, args: argparse.Na
         "object": args.object_name,
         **{k: d[k] for k in ("scorer", "backbone", "pred_score", "normalized_score", "pred_label", "verdict")},
         **{k: d[k] for k in ("threshold", "pixel_threshold", "threshold_source", "regions", "image_size")},
+        "rule_hits": d["rule_hits"],
         "adapter": d["meta"].get("adapter"),
         "overlay": str(overlay) if overlay else None,
         "timings": d["timings"],
@@ -116,7 +150,9 @@ def _chunks(scorer: Any, n: int) -> int:
     return max(n, 1) if getattr(scorer, "transductive", False) else scorer.batch_size
 
 
-def _score_files(scorer: Any, files: list[Path], args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+def _score_files(
+    scorer: Any, files: list[Path], args: argparse.Namespace, out: Path, rules: Any = None
+) -> list[dict[str, Any]]:
     from vlad.data import load_image
     from vlad.viz import render_result
 
@@ -133,6 +169,8 @@ def _score_files(scorer: Any, files: list[Path], args: argparse.Namespace, out: 
         batch = loaded[start : start + step]
         results = scorer.score_many([im for _, im in batch], args.object_name)
         for (path, image), result in zip(batch, results, strict=True):
+            if rules is not None:
+                result = rules.apply(result, image)
             overlay = None
             if not args.no_overlay:
                 stems[path.stem] += 1
@@ -171,11 +209,12 @@ def run_detect(args: argparse.Namespace) -> int:
     files, problems = _expand_or_fail(args.inputs, "inputs")
     refs = _load_references(args.refs) if args.refs is not None else None
     scorer = build_scorer(args)
+    rules = RulesInForce.from_args(args, scorer)
     if refs:
         scorer.fit(refs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [_error_row(p, msg, args) for p, msg in problems] + _score_files(scorer, files, args, out)
+    rows = [_error_row(p, msg, args) for p, msg in problems] + _score_files(scorer, files, args, out, rules)
     report = out / "report.jsonl"
     with report.open("w", encoding="utf-8") as fh:
         for row in rows:
@@ -281,6 +320,11 @@ def run_eval(args: argparse.Namespace) -> int:
     for s in samples:
         by_category[s.category].append(s)
     scorer = build_scorer(args)
+    if getattr(args, "rules", None):
+        # concept rules change prompts / features and so the scores; region and verdict rules change labels only,
+        # which the threshold-free metrics below do not read
+        args.object_name = "object"
+        RulesInForce.from_args(args, scorer)
     tracker = None
     if args.lvlm:
         from vlad.explain.cli import check_explain_args, reset_backends

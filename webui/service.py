@@ -39,6 +39,8 @@ class Inspection:
     conversation: Any  # vlad.explain.Conversation
     rules_text: str = ""
     report_path: Path | None = None
+    scorer_hits: tuple = ()  # what the rules did to the scorer (prompts, LAFT), kept for re-thresholding
+    backbone: Any = None  # the (shared, cached) backbone, for concept rules when re-thresholding
 
 
 @dataclass
@@ -145,19 +147,19 @@ class InspectorService:
             model = self.build_scorer(scorer, backbone, sensitivity)
             name = product.strip() or guess_product(model.backbone, image)
             ruleset = _ruleset(rules)
-            if ruleset is not None:
-                _configure(model, ruleset)
+            hits = _configure(model, ruleset, name)
             if refs:
                 model.fit(refs)
             if getattr(model, "transductive", False) and not refs:
                 raise VladError(f"the {model.name} scorer needs good reference images (add them under Settings)")
             base = model.score(image, name)
-        result = _apply(base, ruleset, image, model)
+        result = _apply(base, ruleset, image, model.backbone, hits, name)
         evidence = build_evidence(image, result, name)
         conversation = Conversation(evidence, self.explainer())
         outcome = conversation.explain()
         result = result.replace(explanation=outcome.explanation)
-        inspection = Inspection(image, name, result, base, render_result(image, result), conversation, rules)
+        inspection = Inspection(image, name, result, base, render_result(image, result), conversation, rules,
+                                scorer_hits=tuple(hits), backbone=model.backbone)  # fmt: skip
         inspection.report_path = write_report(session, inspection)
         session.inspection = inspection
         return inspection
@@ -179,7 +181,7 @@ class InspectorService:
         if ins is None:
             return None
         moved = rethreshold(ins.base_result, sensitivity)
-        result = _apply(moved, _ruleset(ins.rules_text), ins.image, None)
+        result = _apply(moved, _ruleset(ins.rules_text), ins.image, ins.backbone, ins.scorer_hits, ins.product)
         ins.result = result.replace(explanation=ins.result.explanation)
         ins.overlay = render_result(ins.image, ins.result)
         ins.report_path = write_report(session, ins)
@@ -210,8 +212,7 @@ class InspectorService:
         with self._lock:
             model = self.build_scorer(scorer, backbone, sensitivity)
             ruleset = _ruleset(rules)
-            if ruleset is not None:
-                _configure(model, ruleset)
+            hits = _configure(model, ruleset, product.strip() or "object")
             if references:
                 model.fit([load_image(r) for r in references])
             name = product.strip() or (guess_product(model.backbone, loaded[0][1]) if loaded else "object")
@@ -221,7 +222,7 @@ class InspectorService:
                 if progress is not None:
                     progress(start / max(len(loaded), 1), desc=f"scoring {start + 1}-{start + len(chunk)}")
                 for (path, image), res in zip(chunk, model.score_many([im for _, im in chunk], name), strict=True):
-                    res = _apply(res, ruleset, image, model)
+                    res = _apply(res, ruleset, image, model.backbone, hits, name)
                     rows.append({"image": path.name, "verdict": res.verdict, "pred_score": round(res.pred_score, 4),
                                  "normalized_score": round(res.normalized_score, 3), "regions": len(res.regions),
                                  "rules_fired": "; ".join(h.rule for h in res.rule_hits), "error": ""})  # fmt: skip
@@ -253,19 +254,22 @@ def _ruleset(text: str) -> Any:
     return load_rules_arg(text)
 
 
-def _configure(scorer: Any, ruleset: Any) -> None:
+def _configure(scorer: Any, ruleset: Any, object_name: str) -> list:
+    """Concept rules into the scorer (prompts, LAFT); returns their hits."""
+    if ruleset is None:
+        return []
     from vlad.rules import configure_scorer
 
-    configure_scorer(scorer, ruleset)
+    return configure_scorer(scorer, ruleset, object_name=object_name)
 
 
-def _apply(result: Any, ruleset: Any, image: Image.Image, scorer: Any) -> Any:
+def _apply(result: Any, ruleset: Any, image: Image.Image, backbone: Any, hits: Sequence, object_name: str) -> Any:
+    """Region, size, concept and verdict rules on a scored result (no backbone: concept matching is skipped)."""
     if ruleset is None:
         return result
     from vlad.rules import apply_rules
 
-    backbone = getattr(scorer, "backbone", None)
-    return apply_rules(result, ruleset, image=image, backbone=backbone)
+    return apply_rules(result, ruleset, image=image, backbone=backbone, object_name=object_name, scorer_hits=hits)
 
 
 def write_report(session: Session, ins: Inspection) -> Path:

@@ -266,3 +266,23 @@ def test_detect_explain_and_eval_lvlm_verdicts(synthetic_mvtec, sample_images, t
     assert {"per_class", "macro_accuracy", "balanced_accuracy", "yes_rate", "unparseable_rate"} <= set(verdicts)
     assert set(verdicts["per_class"]) == {"tex"}
     assert "language-model verdicts" in capsys.readouterr().out
+
+
+def test_detect_with_rules_records_hits(sample_images, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["detect", str(sample_images), "--object", "part", "--backbone", "random:tiny", "--out", str(out),
+                 "--rules", "ignore the top left corner; a scratch is a defect; ignore colour"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    rows = _rows(out)
+    rules_seen = {h["rule"] for r in rows for h in r["rule_hits"]}
+    assert {"a scratch is a defect", "ignore colour"} <= rules_seen
+    for r in rows:
+        assert all(reg["position"] != "top left" for reg in r["regions"])
+
+
+def test_bad_rules_are_a_usage_error(sample_images, tmp_path, capsys):
+    code = main(["detect", str(sample_images), "--object", "part", "--backbone", "random:tiny", "--out",
+                 str(tmp_path / "o"), "--rules", "scratches are fine. scratches are critical"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "scratches are fine" in err or "contradict" in err

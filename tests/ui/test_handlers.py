@@ -83,3 +83,18 @@ def test_batch_reports_every_file(service, uploads, tmp_path):
     assert status == "2 of 3 images scored."
     assert downloads[0].endswith("batch.csv") and downloads[1].endswith("batch.json")
     assert len(gallery) == 3
+
+
+def test_rules_apply_and_are_shown(service, uploads):
+    from webui.app import check_rules
+
+    assert "I understood" in check_rules("ignore the top left corner")
+    assert "not understood" in check_rules("the moon is made of cheese") or "⚠️" in check_rules("the moon is cheese")
+    settings = ("part", "winclip", "", None, "ignore the top left corner; a dent is a defect", 0.5)
+    _, history, session, verdict, *_ = _run(service, {"text": "", "files": [str(uploads["bad"])]}, settings=settings)
+    hits = {h.rule for h in session.inspection.result.rule_hits}
+    assert "a dent is a defect" in hits
+    assert "a dent is a defect" in verdict
+    assert all(r.position != "top left" for r in session.inspection.result.regions)
+    _, history, *_ = _run(service, {"text": "what rule fired?", "files": []}, history, session)
+    assert "dent" in history[-1]["content"]

@@ -111,3 +111,16 @@ def test_rethreshold_matches_rescoring(tiny_backbone, texture_set):
     assert len(moved.regions) == len(eager.regions)
     back = rethreshold(moved, 0.5)
     assert back.threshold == pytest.approx(base.threshold)
+
+
+def test_detector_api_with_rules(texture_set):
+    import vlad
+
+    det = vlad.Detector("winclip", backbone="random:tiny", device="cpu", object_name="texture",
+                        references=texture_set["refs"][:3])  # fmt: skip
+    plain = det.detect(texture_set["bad"])
+    ruled = det.detect(texture_set["bad"], rules="ignore colour; defects smaller than 50 % of the image are fine")
+    assert plain.rule_hits == ()
+    assert {h.rule for h in ruled.rule_hits} >= {"ignore colour"}
+    assert ruled.pred_score != plain.pred_score  # LAFT changed the features
+    assert all(r.area_fraction >= 0.5 for r in ruled.regions)

@@ -119,6 +119,8 @@ class FiloScorer(CraneScorer):
                        for t in self.bank["templates"] for d in details]  # fmt: skip
             prompts += [t.format(state=s.format(object=object_name), position=position)
                         for t in self.bank["generic_state_templates"] for s in self.bank["generic_states"]]  # fmt: skip
+            prompts += [t.format(state=s.format(object_name), position=position)  # user rules' defect concepts
+                        for t in self.bank["generic_state_templates"] for s in self.ensemble.extra_anomalous]  # fmt: skip
             per_position.append(prompts)
         return per_position
 

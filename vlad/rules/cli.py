@@ -1,0 +1,183 @@
+"""Command-line pieces of the rules: ``vlad rules check`` and the ``--rules`` option of ``vlad detect`` / ``eval``.
+
+:mod:`vlad.cli` wires these in: ``register(subparsers)`` adds ``rules`` (with the subcommand ``check``) and returns
+``{"rules": handler}``; ``add_rules_option(parser)`` adds ``--rules TEXT_OR_FILE``; ``load_rules_arg(value)`` turns
+its value into a :class:`~vlad.rules.schema.RuleSet` (a usage error when something is not understood).
+
+``vlad rules check`` exit codes: 0 every rule understood and no contradictions; 1 something not understood or
+contradictory (all of it is printed); 2 usage error (no rules, a missing or invalid rules file, a bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from vlad.errors import ConfigError, VladError
+from vlad.rules.parse import ParseReport, parse_rules, report_from_ruleset
+from vlad.rules.schema import RULE_FILE_SUFFIXES, RuleSet, load_rules
+
+EXIT_OK, EXIT_NOT_UNDERSTOOD, EXIT_USAGE = 0, 1, 2
+TEXT_SUFFIXES = (".txt", ".md")
+RULES_HELP = (
+    'natural-language rules, e.g. "scratches on the label are fine; a bent pin is critical", or a rules / product '
+    "profile file (.yaml, .yml, .json; .txt holds plain-language rules); see `vlad rules check`"
+)
+
+__all__ = ["add_rules_option", "load_rules_arg", "main", "read_rules_arg", "register", "run_rules"]
+
+
+def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Adds the ``rules`` command (subcommand ``check``) and returns ``{"rules": handler}``."""
+    r = subparsers.add_parser("rules", help="natural-language anomaly rules: see how vlad understands them")
+    sub = r.add_subparsers(dest="rules_command", required=True)
+    c = sub.add_parser("check", help="parse rules and print what vlad understood (exit 1 if not everything)")
+    c.add_argument("rules", nargs="+", metavar="TEXT_OR_FILE", help="rules in words (several arguments are several "
+                   "rules) or one .yaml / .yml / .json / .txt file")  # fmt: skip
+    c.add_argument("--lvlm", default=None, metavar="SPEC", help="parse through a language model first, e.g. "
+                   "openai:http://127.0.0.1:8000/v1 (falls back to the built-in parser, and says so)")  # fmt: skip
+    c.add_argument("--lvlm-timeout", type=float, default=60.0, metavar="SECONDS", help="default 60")
+    c.add_argument("--format", choices=["table", "json"], default="table", help="what to print")
+    return {"rules": run_rules}
+
+
+def add_rules_option(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--rules TEXT_OR_FILE`` (default None)."""
+    parser.add_argument("--rules", default=None, metavar="TEXT_OR_FILE", help=RULES_HELP)
+
+
+def read_rules_arg(value: str | Sequence[str], *, lvlm: Any = None, timeout: float = 60.0) -> ParseReport:
+    """The parse report of a ``--rules`` value or ``vlad rules check`` arguments.
+
+    Args:
+        value: free text, or a path to a ``.yaml`` / ``.yml`` / ``.json`` rules or profile file, or to a ``.txt`` /
+            ``.md`` file of plain-language rules; a list of strings is one rule per item (or one file).
+        lvlm: a language-model spec for parsing words (see :func:`vlad.rules.parse.parse_rules`).
+        timeout: seconds to wait for the language model.
+
+    Raises:
+        ConfigError: empty rules, a missing, unreadable or invalid file.
+    """
+    items = [value] if isinstance(value, str) else list(value)
+    if len(items) == 1 and _is_file_arg(items[0]):
+        path = Path(items[0]).expanduser()
+        suffix = path.suffix.lower()
+        if suffix in RULE_FILE_SUFFIXES:
+            return report_from_ruleset(load_rules(path), source=str(path))
+        if not path.is_file():
+            raise ConfigError(f"rules file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read rules file {path}: {exc}") from exc
+        return parse_rules(text, lvlm=lvlm, timeout=timeout)
+    return parse_rules("\n".join(items), lvlm=lvlm, timeout=timeout)
+
+
+def _is_file_arg(value: str) -> bool:
+    text = value.strip()
+    return "\n" not in text and Path(text).suffix.lower() in (*RULE_FILE_SUFFIXES, *TEXT_SUFFIXES)
+
+
+def load_rules_arg(value: str | RuleSet | None, *, lvlm: Any = None, timeout: float = 60.0) -> RuleSet:
+    """The :class:`RuleSet` of a ``--rules`` value (text or file); an empty RuleSet for None.
+
+    Raises:
+        ConfigError: empty rules, a bad file, or rules not understood or contradictory (one line naming the first
+            problem, how many there are, and ``vlad rules check`` to see them all).
+    """
+    if value is None:
+        return RuleSet()
+    if isinstance(value, RuleSet):
+        return value
+    report = read_rules_arg(value, lvlm=lvlm, timeout=timeout)
+    problems = [*report.not_understood, *report.contradictions]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"--rules: {problems[0]}{more}; run `vlad rules check` to see how vlad reads the rules")
+    return report.rules
+
+
+# ---------------------------------------------------------------------------------------------------- vlad rules check
+def run_rules(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """The ``vlad rules`` handler (subcommand ``check``)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        report = read_rules_arg(args.rules, lvlm=args.lvlm, timeout=args.lvlm_timeout)
+    except VladError as exc:
+        print(f"vlad rules check: error: {exc}", file=err)
+        return EXIT_USAGE
+    if args.format == "json":
+        print(json.dumps(report.to_dict(), indent=2), file=out)
+    else:
+        print_report(report, out)
+    return EXIT_OK if report.ok else EXIT_NOT_UNDERSTOOD
+
+
+def print_report(report: ParseReport, out: TextIO) -> None:
+    """The understood lines, a table of the structured rules, what was not understood, contradictions and notes."""
+    for note in report.notes:
+        print(f"note: {note}", file=out)
+    print("\n".join(report.understood) or "I understood no rule.", file=out)
+    rows = rule_rows(report.rules)
+    if rows:
+        print("", file=out)
+        print(format_table(["#", "kind", "settings", "your words"], rows), file=out)
+    for title, lines in (("Not understood", report.not_understood), ("Contradictions", report.contradictions)):
+        if lines:
+            print(f"\n{title}:", file=out)
+            print("\n".join(f"  - {line}" for line in lines), file=out)
+    verdict = "all rules understood" if report.ok else "some rules need attention"
+    print(f"\n{len(report.understood)} rule(s) understood; {verdict}.", file=out)
+
+
+def rule_rows(ruleset: RuleSet) -> list[list[str]]:
+    """One table row per rule (and one for a non-default verdict policy): number, kind, settings, the user's words."""
+    rows = []
+    for i, rule in enumerate(ruleset.rules, start=1):
+        data = rule.model_dump(mode="json", exclude={"kind", "text"}, exclude_none=True)
+        rows.append([str(i), rule.kind, _settings(data), rule.text])
+    policy = ruleset.policy
+    if policy.text or policy.fail_at != "minor" or policy.default_severity != "major":
+        data = policy.model_dump(mode="json", exclude={"text"})
+        rows.append([str(len(rows) + 1), "policy", _settings(data), policy.text])
+    return rows
+
+
+def _settings(data: dict[str, Any]) -> str:
+    parts = []
+    for key, value in data.items():
+        if value in ([], None):
+            continue
+        if isinstance(value, dict):
+            value = "{" + _settings(value) + "}"
+        elif isinstance(value, list):
+            value = "[" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + "]"
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table with columns padded to their widest cell."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vlad.rules.cli rules check ...``: the ``rules`` command on its own."""
+    parser = argparse.ArgumentParser(prog="vlad", description="natural-language anomaly rules")
+    handlers = register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

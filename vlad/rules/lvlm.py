@@ -1,0 +1,148 @@
+"""Parsing rules through a language model, with the RuleSet JSON schema as the response format.
+
+The backend comes from :mod:`vlad.explain` (``load_backend(spec)``, whose model backends offer
+``complete(messages, max_tokens=, json_schema=)``); when that package cannot be imported, a small client on the
+``openai`` SDK serves ``openai:URL[#model]`` specs. The reply is validated with the schema; any failure raises
+:class:`RulesLVLMError` with one line saying why, and :func:`vlad.rules.parse.parse_rules` falls back to the
+deterministic parser and says so. openai is imported only here, inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from vlad.errors import ConfigError, VladError
+from vlad.rules.parse import ParseReport, report_from_ruleset, split_clauses, validate_ruleset_data
+from vlad.rules.schema import RULE_KINDS, RuleSet, area_names, laft_aliases
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKENS = 2048
+
+
+class RulesLVLMError(VladError):
+    """The language model gave no valid rule set (unreachable, refused, or a reply the schema rejects)."""
+
+
+def parse_with_lvlm(text: str, lvlm: Any, *, timeout: float = 60.0) -> ParseReport:
+    """Parses ``text`` through a language model.
+
+    Args:
+        text: the user's rules.
+        lvlm: a backend spec (``openai:URL[#model]``, ``transformers:MODEL``) or an object with ``complete``.
+        timeout: seconds to wait for the model.
+
+    Returns:
+        a :class:`ParseReport` whose ``source`` is the backend's spec; clauses no rule quotes are not understood.
+
+    Raises:
+        RulesLVLMError: the model could not be asked or its reply is not a valid rule set.
+    """
+    backend = json_backend(lvlm, timeout)
+    spec = str(getattr(backend, "spec", lvlm))
+    schema = {"name": "rule_set", "schema": RuleSet.model_json_schema()}
+    try:
+        reply = backend.complete(messages(text), max_tokens=MAX_TOKENS, json_schema=schema)
+    except Exception as exc:  # noqa: BLE001 -- any backend failure becomes one line and a fallback
+        raise RulesLVLMError(f"{spec} failed: {_one_line(exc)}") from exc
+    try:
+        ruleset = validate_ruleset_data(json.loads(_strip_fences(reply)))
+    except (ValueError, ConfigError) as exc:
+        raise RulesLVLMError(f"{spec} sent an invalid rule set: {_one_line(exc)}") from exc
+    report = report_from_ruleset(ruleset, source=spec, clauses=split_clauses(text))
+    report.notes.append(f"parsed by the language model {spec} and validated with the rule schema")
+    return report
+
+
+def json_backend(lvlm: Any, timeout: float) -> Any:
+    """A backend object with ``complete(messages, max_tokens=, json_schema=)`` for a spec or a ready backend."""
+    if not isinstance(lvlm, str):
+        if callable(getattr(lvlm, "complete", None)):
+            return lvlm
+        raise ConfigError(f"the LVLM backend {type(lvlm).__name__} has no complete() method")
+    try:
+        from vlad.explain.backends import load_backend
+    except ImportError:
+        logger.info("vlad.explain is unavailable; using the openai SDK directly for %s", lvlm)
+        return OpenAIJsonClient.from_spec(lvlm, timeout=timeout)
+    try:
+        backend = load_backend(lvlm, timeout=timeout)
+    except VladError as exc:
+        raise RulesLVLMError(f"cannot use the LVLM {lvlm!r}: {_one_line(exc)}") from exc
+    if not callable(getattr(backend, "complete", None)):
+        raise RulesLVLMError(f"the LVLM {lvlm!r} cannot complete text (is_model is false)")
+    return backend
+
+
+class OpenAIJsonClient:
+    """The smallest OpenAI-compatible client that can ask for a JSON reply (used when vlad.explain is missing).
+
+    Args:
+        base_url: the server's ``/v1`` URL.
+        model: the model id; the first one ``/v1/models`` lists when None.
+        timeout: seconds per request.
+    """
+
+    def __init__(self, base_url: str, model: str | None = None, *, timeout: float = 60.0) -> None:
+        try:
+            import openai
+        except ImportError as exc:
+            raise RulesLVLMError("parsing rules with openai:... needs the openai package: pip install openai") from exc
+        import os
+
+        key = os.environ.get("VLAD_LVLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.spec = f"openai:{base_url}" + (f"#{model}" if model else "")
+        self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=1)
+        self.model = model
+
+    @classmethod
+    def from_spec(cls, spec: str, *, timeout: float = 60.0) -> OpenAIJsonClient:
+        kind, _, rest = spec.partition(":")
+        url, _, model = rest.partition("#")
+        if kind != "openai" or not url.startswith(("http://", "https://")):
+            raise RulesLVLMError(f"without vlad.explain only openai:<http(s) URL>[#model] specs work, got {spec!r}")
+        return cls(url.rstrip("/"), model.strip() or None, timeout=timeout)
+
+    def complete(
+        self, messages: list[dict[str, Any]], *, max_tokens: int = 512, json_schema: dict | None = None
+    ) -> str:
+        """The reply text; ``json_schema`` is sent as ``response_format``."""
+        if self.model is None:
+            self.model = self.client.models.list().data[0].id
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                                  "temperature": 0.0}  # fmt: skip
+        if json_schema is not None:
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": json_schema}
+        response = self.client.chat.completions.create(**kwargs)
+        return response.choices[0].message.content or ""
+
+
+def messages(text: str) -> list[dict[str, Any]]:
+    """The chat messages asking for a rule set: instructions with the vocabulary, then the user's rules."""
+    concepts = ", ".join(sorted(set(laft_aliases().values())))
+    system = (
+        "You turn a quality inspector's rules for visual anomaly detection into JSON that follows the given schema. "
+        f"Rule kinds: {', '.join(RULE_KINDS)}. Make one rule per sentence (two when a sentence ignores two concepts) "
+        "and copy the sentence exactly into the rule's 'text'. defect: a kind of defect with a severity (minor, major, "
+        "critical; major when not said). acceptable: a kind of finding that is fine, with 'where' when the sentence "
+        "says where (positions or a part of the product as 'object'). ignore_concept / focus_concept: only for these "
+        f"concepts: {concepts}. min_size: regions smaller than 'value' are ignored; unit percent_image, "
+        "percent_object (of the part) or pixels. region: mode only or ignore, positions from: "
+        f"{', '.join(area_names())}. required_object: an object that must be present at least min_count times. "
+        "A sentence about which severity fails a part sets 'policy' (fail_at) with its text. Make no rule of a "
+        "sentence you cannot map; never invent rules."
+    )
+    return [{"role": "system", "content": system}, {"role": "user", "content": text}]
+
+
+def _strip_fences(reply: str) -> str:
+    text = reply.strip()
+    m = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text, re.DOTALL)
+    return m.group(1) if m else text
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:240] or type(exc).__name__
