@@ -69,6 +69,11 @@ def _error_message(exc: BaseException) -> str:
     return f"⚠️ Something went wrong: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
 
 
+def _images_only(value: Any) -> list[str]:
+    """The image files of a folder upload (other files are left out)."""
+    return [p for p in _files(value) if Path(p).suffix.lower() in IMAGE_TYPES]
+
+
 def _files(value: Any) -> list[str]:
     if not value:
         return []
@@ -103,7 +108,11 @@ def chat(service: InspectorService, message: dict | str | None, history: list, s
         history[-1] = {"role": "assistant", "content": working_text(ins.result),
                        "metadata": {"title": f"Working: {ins.result.scorer}, {len(ins.result.regions)} region(s)",
                                     "status": "done"}}  # fmt: skip
-        history.append({"role": "assistant", "content": f"**{ins.product}: {ins.result.verdict}.** "
+        note = ""
+        if service.lvlm_problem:
+            note = (f"⚠️ The language model `{service.lvlm}` is unreachable ({service.lvlm_problem}); this explanation "
+                    "comes from the template explainer.\n\n")  # fmt: skip
+        history.append({"role": "assistant", "content": f"{note}**{ins.product}: {ins.result.verdict}.** "
                         + ins.result.explanation.text})  # fmt: skip
         yield (None, history, session, *_panels(ins))
         if not text:
@@ -111,6 +120,10 @@ def chat(service: InspectorService, message: dict | str | None, history: list, s
     if not text:
         yield (None, history, session, *_panels(session.inspection))
         return
+    if session.inspection is not None:  # each answer can show its working
+        res = session.inspection.result
+        history.append({"role": "assistant", "content": working_text(res),
+                        "metadata": {"title": f"Working: {res.scorer}, score {res.pred_score:.3f}", "status": "done"}})
     history.append({"role": "assistant", "content": ""})
     try:
         for piece in service.ask(session, text):
@@ -201,7 +214,9 @@ def build_app(service: InspectorService | None = None, **service_options: Any) -
                         scorer = gr.Dropdown(list_scorers(), value=service.scorer, label="Scorer")
                         backbone = gr.Textbox(value=service.backbone or "", label="Backbone (empty: scorer default)")
         with gr.Tab("Batch"):
-            batch_files = gr.File(label="Images", file_count="multiple", file_types=["image"])
+            with gr.Row():
+                batch_files = gr.File(label="Images", file_count="multiple", file_types=["image"])
+                batch_folder = gr.File(label="…or a folder", file_count="directory")
             batch_button = gr.Button("Inspect all", variant="primary")
             batch_status = gr.Markdown()
             batch_table = gr.Dataframe(headers=["image", "verdict", "score", "normalised", "regions", "rules fired",
@@ -216,18 +231,18 @@ def build_app(service: InspectorService | None = None, **service_options: Any) -
             yield from chat(service, message, history, sess, *rest)
 
         box.submit(_chat, [box, chatbot, session, *settings], [box, chatbot, session, *panels],
-                   concurrency_limit=2, concurrency_id="score", api_name="chat")  # fmt: skip
+                   concurrency_limit=service.concurrency, concurrency_id="score", api_name="chat")  # fmt: skip
         sensitivity.release(lambda s, v: resensitise(service, s, v), [session, sensitivity], [session, *panels],
                             api_name="sensitivity")  # fmt: skip
         rules.change(check_rules, rules, rules_view, show_progress="hidden", api_name="rules")
 
-        def _batch(files, sess, *rest, progress=gr.Progress()):  # noqa: ANN001, ANN202, B008
-            return run_batch(service, files, sess, *rest, progress=progress)
+        def _batch(files, folder, sess, *rest, progress=gr.Progress()):  # noqa: ANN001, ANN202, B008
+            return run_batch(service, _files(files) + _images_only(folder), sess, *rest, progress=progress)
 
-        batch_button.click(_batch, [batch_files, session, *settings],
+        batch_button.click(_batch, [batch_files, batch_folder, session, *settings],
                            [session, batch_table, batch_gallery, batch_downloads, batch_status],
                            concurrency_limit=1, concurrency_id="score", api_name="batch")  # fmt: skip
-    demo.queue(default_concurrency_limit=2, max_size=32)
+    demo.queue(default_concurrency_limit=service.concurrency, max_size=32)
     return demo
 
 

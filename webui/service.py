@@ -81,6 +81,13 @@ class InspectorService:
         self._lock = threading.Lock()
         self.lvlm_problem = self._check_lvlm()
 
+    @property
+    def concurrency(self) -> int:
+        """Scoring events served at once: 1 on CPU (two would only share the cores), 2 on a GPU."""
+        from vlad.backbones import resolve_device
+
+        return 2 if resolve_device(self.device).startswith("cuda") else 1
+
     # ------------------------------------------------------------------ status
     def _check_lvlm(self) -> str | None:
         if self.lvlm == "template":

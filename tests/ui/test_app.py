@@ -51,7 +51,34 @@ def test_batch_endpoint(client, uploads):
     from gradio_client import handle_file
 
     files = [handle_file(str(uploads["good"])), handle_file(str(uploads["bad"]))]
-    table, gallery, downloads, status = client.predict(files, "part", "winclip", "", None, "", 0.5, api_name="/batch")
+    table, gallery, downloads, status = client.predict(files, None, "part", "winclip", "", None, "", 0.5,
+                                                       api_name="/batch")
     assert status == "2 of 2 images scored."
     assert [row[0] for row in table["data"]] == ["good.png", "defect.png"]
     assert len(downloads) == 2
+
+
+def test_server_files_outside_its_cache_are_not_served(app_url):
+    import httpx
+
+    for path in ("/gradio_api/file=/etc/passwd", "/file=/etc/passwd", "/gradio_api/file=" + __file__):
+        r = httpx.get(app_url.rstrip("/") + path, timeout=10)
+        assert r.status_code in (403, 404), (path, r.status_code)
+        assert "root:" not in r.text
+
+
+def test_auth_is_required_when_set(service):
+    from gradio_client import Client
+
+    from webui.app import build_app, launch
+
+    demo = build_app(service)
+    _, url, _ = launch(demo, port=None, block=False, auth=("inspector", "s3cret"))
+    try:
+        with pytest.raises(Exception):  # noqa: B017, PT011 - gradio_client raises its own error types
+            Client(url, verbose=False)
+        c = Client(url, auth=("inspector", "s3cret"), verbose=False)
+        assert "/chat" in c.view_api(return_format="dict", print_info=False)["named_endpoints"]
+        c.close()
+    finally:
+        demo.close()

@@ -24,7 +24,8 @@ def test_new_image_then_follow_up_keeps_context(service, uploads):
     assert slider[0].size == slider[1].size == session.inspection.image.size
     assert report.endswith("report.json")
     _, history2, session2, *_ = _run(service, {"text": "where is it?", "files": []}, history, session)
-    assert session2 is session and len(history2) == len(history) + 2
+    assert session2 is session and len(history2) == len(history) + 3  # question, working, answer
+    assert history2[-2]["metadata"]["title"].startswith("Working: winclip, score")
     assert history2[-1]["role"] == "assistant" and history2[-1]["content"]
     assert "need a language model" not in history2[-1]["content"]
 
@@ -43,11 +44,14 @@ def test_corrupt_and_oversized_uploads_are_told_in_the_chat(uploads):
     assert "over the upload limit of 1 MB" in history[-1]["content"]
 
 
-def test_unreachable_lvlm_is_announced_and_template_answers():
+def test_unreachable_lvlm_is_announced_and_template_answers(uploads):
     svc = InspectorService(backbone="random:tiny", device="cpu", lvlm="openai:http://127.0.0.1:9/v1")
     assert svc.lvlm_problem
     assert "unreachable" in svc.status_markdown()
     assert svc.explainer() == "template"
+    _, history, *_ = _run(svc, {"text": "", "files": [str(uploads["bad"])]})
+    assert "openai:http://127.0.0.1:9/v1` is unreachable" in history[-1]["content"]
+    assert "comes from the template explainer" in history[-1]["content"]
 
 
 def test_random_backbone_warning_in_status(service):
