@@ -8,15 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from vlad import train_cli
+from vlad._argtypes import finite_float, positive_int, unit_float
+from vlad.errors import VladError
 from vlad.explain import cli as explain_cli
 from vlad.rules import cli as rules_cli
-from vlad.errors import VladError
 
 logger = logging.getLogger("vlad")
 
@@ -29,31 +29,10 @@ class UsageError(VladError):
 
 
 # ---------------------------------------------------------------------- parser
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
-def _unit_float(text: str) -> float:
-    value = _finite_float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a value in [0, 1], got {text}")
-    return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
-    return value
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -63,10 +42,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "openclip:local-dir:/path, random:tiny; default: the scorer's")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    g.add_argument("--image-size", type=_positive_int, default=None, help="model input side in pixels")
-    g.add_argument("--batch-size", type=_positive_int, default=8)
-    g.add_argument("--threshold", type=_finite_float, default=None, help="image and pixel threshold, raw units")
-    g.add_argument("--sensitivity", type=_unit_float, default=0.5, help="0..1, higher flags more (default 0.5)")
+    g.add_argument("--image-size", type=positive_int, default=None, help="model input side in pixels")
+    g.add_argument("--batch-size", type=positive_int, default=8)
+    g.add_argument("--threshold", type=finite_float, default=None, help="image and pixel threshold, raw units")
+    g.add_argument("--sensitivity", type=unit_float, default=0.5, help="0..1, higher flags more (default 0.5)")
     g.add_argument("--concepts", default=None, help='LAFT steering in words, e.g. "ignore colour" or "focus on cracks"')
     g.add_argument("--detector", default=None, help="zero-shot detector for filo's boxes and for rules about objects: "
                    "grounding-dino[:DIR], owlv2[:DIR], none")
@@ -95,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--root", required=True, help="dataset root")
     e.add_argument("--layout", required=True, choices=["mvtec", "visa", "folder"])
     e.add_argument("--category", nargs="+", default=None, help="categories (default: all)")
-    e.add_argument("--limit", type=_positive_int, default=None, help="at most N test images per category")
+    e.add_argument("--limit", type=positive_int, default=None, help="at most N test images per category")
     e.add_argument("--shots", type=int, default=0, help="normal train images per category as references (k-shot)")
     e.add_argument("--seed", type=int, default=0, help="seed for choosing references and --limit subsets")
-    e.add_argument("--eval-size", type=_positive_int, default=None, help="side at which pixel metrics are computed "
+    e.add_argument("--eval-size", type=positive_int, default=None, help="side at which pixel metrics are computed "
                    "(default: the scorer's input size)")
     e.add_argument("--legacy-aupro", action="store_true", help="also report the 200-threshold paper-style AUPRO")
     e.add_argument("--out", default=None, help="write the metrics JSON here")
@@ -112,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="start the web UI (Gradio) on 127.0.0.1:7860")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=_positive_int, default=7860)
+    s.add_argument("--port", type=positive_int, default=7860)
     s.add_argument("--scorer", default="winclip")
     s.add_argument("--backbone", default=None, help="backbone spec (default: the scorer's)")
     s.add_argument("--lvlm", default="template", help="explainer: template, openai:URL[#model], transformers:MODEL")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from vlad._argtypes import positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -23,24 +24,8 @@ EXIT_OK = 0
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
 
 
 def register(subparsers: Any) -> dict[str, Handler]:
@@ -60,17 +45,17 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--category", nargs="+", default=None, help="categories to train on (default: all)")
     p.add_argument("--synthetic", action="store_true", help="plant synthetic defects in the normal train images "
                    "instead of using the test split's masks")  # fmt: skip
-    p.add_argument("--epochs", type=_positive_int, default=5, help="epochs, fixed a priori (default 5, as Crane)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--n-ctx", type=_positive_int, default=12, help="learned context tokens per prompt (crane-prompts)")
-    p.add_argument("--lora-rank", type=_positive_int, default=8, help="LoRA rank, alpha = 2 x rank (lora)")
+    p.add_argument("--epochs", type=positive_int, default=5, help="epochs, fixed a priori (default 5, as Crane)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--n-ctx", type=positive_int, default=12, help="learned context tokens per prompt (crane-prompts)")
+    p.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank, alpha = 2 x rank (lora)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone spec (default {DEFAULT_BACKBONE})")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--image-size", type=_positive_int, default=None, help="input side (default: Crane's, 518 for "
+    p.add_argument("--image-size", type=positive_int, default=None, help="input side (default: Crane's, 518 for "
                    "ViT-L/14@336)")  # fmt: skip
     p.add_argument("--seed", type=int, default=111, help="seed (default 111, as Crane)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="at most N dataset images (a seeded subset)")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most N dataset images (a seeded subset)")
     p.add_argument("--out", required=True, help="output folder, e.g. adapters/NAME")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     return {"train-adapter": run_train_adapter}

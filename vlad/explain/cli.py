@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -20,6 +19,7 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image
 
+from vlad._argtypes import positive_float, positive_int
 from vlad.errors import VladError
 from vlad.explain.verdicts import VerdictTracker
 
@@ -42,24 +42,8 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- options
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
-    return value
 
 
 def _add_lvlm_options(group: Any, *, lvlm_required: bool = False) -> None:
@@ -74,14 +58,14 @@ def _add_lvlm_options(group: Any, *, lvlm_required: bool = False) -> None:
     )
     group.add_argument(
         "--lvlm-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         metavar="SECONDS",
         help="seconds to wait for the language model's answer (default 60)",
     )
     group.add_argument(
         "--lvlm-max-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=512,
         metavar="N",
         help="most tokens the language model may generate per answer (default 512)",
@@ -120,13 +104,13 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     g.add_argument("--process-note", default=None, metavar="TEXT", help="how the product is made (Triad's CoT-M)")
     g.add_argument(
         "--context-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=8192,
         help="the model's context length (default 8192, as `vllm serve --max-model-len 8192`)",
     )
     g.add_argument(
         "--max-image-side",
-        type=_positive_int,
+        type=positive_int,
         default=512,
         help="pictures are sent with their longer side at most this many pixels (default 512)",
     )
@@ -135,7 +119,7 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     _add_lvlm_options(k, lvlm_required=True)
     k.add_argument(
         "--wait",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="SECONDS",
         help="wait up to this long for the server to come up (vLLM takes minutes to load)",
