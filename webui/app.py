@@ -186,7 +186,7 @@ def build_app(service: InspectorService | None = None, **service_options: Any) -
     from vlad.scorers import list_scorers
 
     service = service or InspectorService(**service_options)
-    with gr.Blocks(title="vlad: anomaly inspection") as demo:
+    with gr.Blocks(title="vlad: anomaly inspection", analytics_enabled=False) as demo:
         session = gr.State(None)
         gr.Markdown("## vlad: zero-shot anomaly inspection")
         gr.Markdown(service.status_markdown(), elem_id="status")
