@@ -323,7 +323,6 @@ def run_eval(args: argparse.Namespace) -> int:
     if getattr(args, "rules", None):
         # concept rules change prompts / features and so the scores; region and verdict rules change labels only,
         # which the threshold-free metrics below do not read
-        args.object_name = "object"
         RulesInForce.from_args(args, scorer)
     tracker = None
     if args.lvlm:

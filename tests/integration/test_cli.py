@@ -286,3 +286,15 @@ def test_bad_rules_are_a_usage_error(sample_images, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "scratches are fine" in err or "contradict" in err
+
+
+def test_eval_with_concept_rules_changes_scores(synthetic_mvtec, tmp_path):
+    plain, ruled = tmp_path / "a.json", tmp_path / "b.json"
+    base = ["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "tex", "--backbone",
+            "random:tiny"]  # fmt: skip
+    assert main([*base, "--out", str(plain)]) == 0
+    assert main([*base, "--out", str(ruled), "--rules", "ignore colour"]) == 0
+    a = json.loads(plain.read_text())["per_category"]["tex"]["metrics"]
+    b = json.loads(ruled.read_text())["per_category"]["tex"]["metrics"]
+    assert a["pixel_auroc"] is not None and b["pixel_auroc"] is not None
+    assert any(abs(a[k] - b[k]) > 1e-9 for k in ("pixel_auroc", "pixel_ap", "aupro", "image_ap"))
