@@ -54,3 +54,13 @@ def sample_images(tmp_path: Path) -> Path:
     for i in range(3):
         Image.fromarray(make_texture(48 + 8 * i, rng, kind="grid")).save(folder / f"part{i}.png")
     return folder
+
+
+@pytest.fixture
+def fake():
+    """An in-process fake OpenAI-compatible server on 127.0.0.1 (request layout, errors, canned replies)."""
+    from tests.helpers.fake_openai import FakeOpenAI
+
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()

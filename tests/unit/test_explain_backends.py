@@ -24,13 +24,6 @@ from vlad.explain.template import TemplateBackend
 
 
 @pytest.fixture
-def fake():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def evidence():
     return build_evidence(make_image((600, 400)), make_result((600, 400)), "bottle", tile=128, max_side=200)
 

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from tests.helpers.explain_data import GOOD_REPORT, good_reply, make_image, make_result
-from tests.helpers.fake_openai import FakeOpenAI
 from vlad.errors import ConfigError
 from vlad.explain.cli import (
     VerdictTracker,
@@ -28,13 +27,6 @@ def _fresh_backends():
     reset_backends()
     yield
     reset_backends()
-
-
-@pytest.fixture
-def fake():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict]:

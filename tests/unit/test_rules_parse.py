@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from tests.helpers.fake_openai import FakeOpenAI
 from vlad.errors import ConfigError
 from vlad.rules import RuleSet, parse_rules
 from vlad.rules.parse import concept_key, singular, split_clauses
@@ -181,13 +180,6 @@ def test_helpers():
 
 
 # ---------------------------------------------------------------------------------------------------- language model
-@pytest.fixture
-def fake_llm():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
-
-
 LLM_RULES = {
     "rules": [
         {"kind": "acceptable", "concept": "scratches", "where": {"object": "label"},
@@ -198,16 +190,16 @@ LLM_RULES = {
 }  # fmt: skip
 
 
-def test_parsing_through_a_language_model(fake_llm):
-    fake_llm.replies = [json.dumps(LLM_RULES)]
+def test_parsing_through_a_language_model(fake):
+    fake.replies = [json.dumps(LLM_RULES)]
     text = "Kratzer auf dem Etikett sind ok\nFarbe ignorieren\nnur kritische Fehler zählen\nblah blah"
-    report = parse_rules(text, lvlm=f"openai:{fake_llm.url}")
+    report = parse_rules(text, lvlm=f"openai:{fake.url}")
     assert report.source.startswith("openai:")
     assert [r.kind for r in report.rules.rules] == ["acceptable", "ignore_concept"]
     assert report.rules.policy.fail_at == "critical"
     assert report.not_understood == ["'blah blah': no rule was made of it"]
     assert any("validated with the rule schema" in n for n in report.notes)
-    body = fake_llm.chat_requests()[-1]
+    body = fake.chat_requests()[-1]
     assert body["response_format"]["type"] == "json_schema"
     assert "required_object" in json.dumps(body["response_format"]["json_schema"]["schema"])
     assert body["messages"][-1]["content"] == text
@@ -221,30 +213,30 @@ def test_parsing_through_a_language_model(fake_llm):
         (json.dumps({"rules": [{"kind": "defect", "concept": "x", "colour": "red"}]}), "unknown key"),
     ],
 )
-def test_an_invalid_model_reply_falls_back_and_says_so(fake_llm, reply, why):
-    fake_llm.replies = [reply]
-    report = parse_rules("a bent pin is critical", lvlm=f"openai:{fake_llm.url}")
+def test_an_invalid_model_reply_falls_back_and_says_so(fake, reply, why):
+    fake.replies = [reply]
+    report = parse_rules("a bent pin is critical", lvlm=f"openai:{fake.url}")
     assert report.source == "deterministic"
     assert report.rules.rules[0].concept == "bent pin"
     assert "deterministic parser was used" in report.notes[0]
     assert why in report.notes[0]
 
 
-def test_an_unreachable_model_falls_back(fake_llm):
-    fake_llm.mode = "500"
-    report = parse_rules("ignore colour", lvlm=f"openai:{fake_llm.url}", timeout=5)
+def test_an_unreachable_model_falls_back(fake):
+    fake.mode = "500"
+    report = parse_rules("ignore colour", lvlm=f"openai:{fake.url}", timeout=5)
     assert report.rules.rules[0].kind == "ignore_concept"
     assert "deterministic parser was used" in report.notes[0]
     bad_spec = parse_rules("ignore colour", lvlm="carrier-pigeon:coo")
     assert "deterministic parser was used" in bad_spec.notes[0]
 
 
-def test_fenced_replies_and_the_direct_openai_client(fake_llm):
+def test_fenced_replies_and_the_direct_openai_client(fake):
     from vlad.rules.lvlm import OpenAIJsonClient
 
-    fake_llm.replies = ["```json\n" + json.dumps(LLM_RULES) + "\n```"]
-    client = OpenAIJsonClient.from_spec(f"openai:{fake_llm.url}", timeout=5)  # what is used without vlad.explain
+    fake.replies = ["```json\n" + json.dumps(LLM_RULES) + "\n```"]
+    client = OpenAIJsonClient.from_spec(f"openai:{fake.url}", timeout=5)  # what is used without vlad.explain
     report = parse_rules("Farbe ignorieren", lvlm=client)
     assert report.source == client.spec
     assert RuleSet.model_validate(LLM_RULES) == report.rules
-    assert fake_llm.chat_requests()[-1]["response_format"]["json_schema"]["name"] == "rule_set"
+    assert fake.chat_requests()[-1]["response_format"]["json_schema"]["name"] == "rule_set"
