@@ -49,6 +49,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--concepts", default=None, help='LAFT steering in words, e.g. "ignore colour" or "focus on cracks"')
     g.add_argument("--detector", default=None, help="zero-shot detector for filo's boxes and for rules about objects: "
                    "grounding-dino[:DIR], owlv2[:DIR], none")
+    g.add_argument("--profile", default=None, choices=["paper", "vlad"],
+                   help="paper: the official code's computation (default; an imported checkpoint implies it); "
+                   "vlad: vlad's measured deviations (see docs/methods.md)")
     g.add_argument("--dattn", default=None, help="crane: DINOv2 spec for Crane+ D-Attn, e.g. "
                    "timm:vit_base_patch14_reg4_dinov2.lvd142m")
 

@@ -55,6 +55,7 @@ def build_scorer(args: argparse.Namespace) -> Any:
         threshold=args.threshold,
         sensitivity=args.sensitivity,
         batch_size=args.batch_size,
+        profile=getattr(args, "profile", None),
         **extra,
     )
     return apply_adapter_option(scorer, args)

@@ -2,8 +2,9 @@
 
 Patch tokens at any tapped layer are passed through ``ln_post`` and ``proj`` into the joint image-text space and are
 *copied* per layer (several research repos store views of a tensor that is later updated in place, so their
-"multi-layer" features are all the last layer's). The positional embedding is re-gridded (bicubic) when the input
-size differs from the size the model was trained at, e.g. ViT-L/14@336 run at 518.
+"multi-layer" features are all the last layer's). The positional embedding is re-gridded when the input size differs
+from the size the model was trained at, e.g. ViT-L/14@336 run at 518: bicubic by default, or as a reference
+implementation does it (:data:`POS_INTERPOLATIONS`; Crane and AnomalyCLIP use bilinear).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 RANDOM_SEED = 0
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+POS_INTERPOLATIONS = ("bicubic", "bilinear", "bicubic-antialias")
+"""How the patch positional embedding is re-gridded: ``bicubic`` (vlad), ``bilinear`` (Crane, AnomalyCLIP; both
+``F.interpolate(..., align_corners=False)``), ``bicubic-antialias`` (open_clip's ``resize_pos_embed``)."""
 
 
 @dataclass
@@ -58,7 +62,7 @@ class ClipBackbone:
     dtype: torch.dtype = torch.float32
     is_random: bool = False
     _text_cache: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
-    _pos_cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _pos_cache: dict[tuple[tuple[int, int], str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         visual = self.model.visual
@@ -163,27 +167,31 @@ class ClipBackbone:
         x = (x - self._mean) / self._std
         return x.to(device=self.device, dtype=self.dtype)
 
-    def _positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+    def _positional_embedding(self, grid: tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:
+        if interpolation not in POS_INTERPOLATIONS:
+            raise BackboneError(f"unknown positional interpolation {interpolation!r}; allowed: {POS_INTERPOLATIONS}")
         pos = self.model.visual.positional_embedding
         n_old = pos.shape[0] - 1
         g_old = int(round(n_old**0.5))
         if grid == (g_old, g_old):
             return pos
-        if grid not in self._pos_cache:
+        key = (grid, interpolation)
+        if key not in self._pos_cache:
             cls_pos, patch_pos = pos[:1], pos[1:]
             patch_pos = patch_pos.reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2).float()
-            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+            mode, _, antialias = interpolation.partition("-")
+            patch_pos = F.interpolate(patch_pos, size=grid, mode=mode, align_corners=False, antialias=bool(antialias))
             patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
-            self._pos_cache[grid] = torch.cat([cls_pos, patch_pos])
-        return self._pos_cache[grid]
+            self._pos_cache[key] = torch.cat([cls_pos, patch_pos])
+        return self._pos_cache[key]
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, *, pos_interpolation: str = "bicubic") -> torch.Tensor:
         """(B, 1 + N, width) tokens entering block 1 (patch embed, class token, positions, ln_pre)."""
         visual = self.model.visual
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = visual.conv1(x).flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
-        tokens = torch.cat([cls, tokens], dim=1) + self._positional_embedding(grid).to(tokens.dtype)
+        tokens = torch.cat([cls, tokens], dim=1) + self._positional_embedding(grid, pos_interpolation).to(tokens.dtype)
         return visual.ln_pre(visual.patch_dropout(tokens))
 
     def run_blocks(self, x: torch.Tensor, taps: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -209,17 +217,27 @@ class ClipBackbone:
         return self.model.visual.ln_post(tokens) @ self.model.visual.proj
 
     @torch.no_grad()
-    def forward_visual(self, x: torch.Tensor, layers: Sequence[int] = (), *, keep_embeddings: bool = False) -> VisualOutput:
-        """Global embedding plus projected patch tokens at ``layers`` (1-based; -1 means the last layer)."""
+    def forward_visual(
+        self,
+        x: torch.Tensor,
+        layers: Sequence[int] = (),
+        *,
+        keep_embeddings: bool = False,
+        project: bool = True,
+        pos_interpolation: str = "bicubic",
+    ) -> VisualOutput:
+        """Global embedding plus patch tokens at ``layers`` (1-based; -1 means the last layer): projected through
+        ``ln_post`` and ``proj`` into the joint space, or (``project=False``) the raw residual-stream tokens
+        (B, N, width), as MuSc's reference reads them."""
         n = self.num_layers
         taps = sorted({n + 1 + layer if layer < 0 else layer for layer in layers})
         bad = [layer for layer in taps if not 1 <= layer <= n]
         if bad:
             raise BackboneError(f"layers {bad} out of range: {self.spec} has layers 1..{n}")
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        embeddings = self.embed(x)
+        embeddings = self.embed(x, pos_interpolation=pos_interpolation)
         out, tapped = self.run_blocks(embeddings, taps)
-        patch_tokens = {layer: self.project_tokens(tok[:, 1:]) for layer, tok in tapped.items()}
+        patch_tokens = {layer: self.project_tokens(tok[:, 1:]) if project else tok[:, 1:] for layer, tok in tapped.items()}
         return VisualOutput(
             global_embedding=self.project_global(out),
             patch_tokens=patch_tokens,

@@ -36,6 +36,20 @@ logger = logging.getLogger(__name__)
 ImageLike = str | Path | Image.Image | np.ndarray
 Features = dict[str, torch.Tensor]
 
+PROFILES = ("paper", "vlad")
+"""``paper``: the official inference computation, quirks included, on the same weights (docs/methods.md lists every
+step with its reference file and line). ``vlad``: vlad's documented deviations (each backed by a measurement there)."""
+DEFAULT_PROFILE = "paper"
+
+
+def check_profile(profile: str | None) -> str:
+    """The profile name, validated; None means the default (:data:`DEFAULT_PROFILE`)."""
+    if profile is None:
+        return DEFAULT_PROFILE
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
+    return profile
+
 
 def as_pil(image: ImageLike) -> Image.Image:
     """Load a path (with vlad's checks) or wrap an array; always RGB."""
@@ -68,6 +82,8 @@ class Scorer:
         concepts: LAFT steering in words ("ignore colour", "focus on cracks") or a ready
             :class:`~vlad.laft.ConceptTransform`: image features (and text prototypes) are projected onto / off the
             concept subspace before scoring.
+        profile: ``paper`` (the official code's computation, the default) or ``vlad`` (see :data:`PROFILES`);
+            None means the default, and an imported official checkpoint may then select ``paper`` itself.
     """
 
     name: ClassVar[str] = ""
@@ -87,8 +103,11 @@ class Scorer:
         sensitivity: float = 0.5,
         batch_size: int = 8,
         concepts: str | Any | None = None,
+        profile: str | None = None,
     ) -> None:
         check_sensitivity(sensitivity)
+        self.profile = check_profile(profile)
+        self.profile_explicit = profile is not None
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(backbone, ClipBackbone):
@@ -270,7 +289,7 @@ class Scorer:
             timings=timings,
             warnings=self.warnings(),
             meta={"pixel_scale": th.pixel_scale, "image_size": self.image_size, "references": self._n_references,
-                  "sensitivity": self.sensitivity, "adapter": self.adapter},  # fmt: skip
+                  "sensitivity": self.sensitivity, "adapter": self.adapter, "profile": self.profile},  # fmt: skip
         )
 
     def warnings(self) -> tuple[str, ...]:
@@ -293,6 +312,7 @@ class Scorer:
             "threshold": self.user_threshold,
             "concepts": None if self.transform is None else self.transform.describe(),
             "adapter": self.adapter,
+            "profile": self.profile,
         }
 
 
