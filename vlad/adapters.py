@@ -4,9 +4,12 @@ An adapter is a folder with ``adapter.json`` (the metadata below, strict: unknow
 weights file:
 
 - ``crane-prompts``: ``prompts.safetensors`` with ``ctx_pos`` and ``ctx_neg``, each (n_ctx, text width), the learned
-  context of ``"X ... X object."`` (normal) and ``"X ... X damaged object."`` (anomalous). Applying one encodes the two
-  prompts once and hands the (2, D) features to :meth:`CraneScorer.set_text_features`; Crane and its subclasses
-  (FiLo) accept it.
+  context of ``"X ... X object."`` (normal) and ``"X ... X damaged object."`` (anomalous), and (format 2, optional)
+  deep text prompts ``deep.0`` .. ``deep.{depth-2}``, each (t_n_ctx, text width), spliced into text blocks 2..depth
+  (see :mod:`vlad.backbones.prompts`; ``deep_prompts`` in the metadata records depth, t_n_ctx and the fp16 rounding).
+  Applying one encodes the two prompts once and hands the (2, D) features to :meth:`CraneScorer.set_text_features`;
+  Crane and its subclasses (FiLo, AnomalyCLIP) accept it. Officially released Crane and AnomalyCLIP checkpoints become
+  such adapters through :func:`import_checkpoint` (``vlad import-checkpoint``), which records their provenance.
 - ``lora``: ``lora.safetensors``, the peft LoRA state dict of the vision tower's ``mlp.c_fc`` / ``mlp.c_proj`` layers.
   Applying one deep-copies the CLIP model's vision tower (the text tower is shared, it is unchanged), injects LoRA
   into the copy and gives the scorer a new :class:`ClipBackbone` around it. The cached backbone that
@@ -45,8 +48,10 @@ logger = logging.getLogger(__name__)
 METHODS: tuple[str, ...] = ("crane-prompts", "lora")
 METADATA_FILE = "adapter.json"
 WEIGHTS_FILES: dict[str, str] = {"crane-prompts": "prompts.safetensors", "lora": "lora.safetensors"}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PROMPT_KEYS = ("ctx_pos", "ctx_neg")
+DEEP_PREFIX = "deep."
 LORA_TARGETS = r"visual\.transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)"
 """peft ``target_modules`` regex: the vision MLPs only (see the module docstring for why not ``attn``)."""
 
@@ -74,7 +79,10 @@ class AdapterMetadata:
         batch_size: images per step.
         loss_history: mean training loss per epoch.
         vlad_version: the vlad version that trained it.
-        format_version: :data:`FORMAT_VERSION`.
+        format_version: :data:`FORMAT_VERSION` (1 is read too).
+        deep_prompts: ``{"depth", "n_ctx", "round_fp16"}`` when the weights hold deep text prompts, else None.
+        provenance: ``{"format", "source_file", "sha256"}`` for an imported official checkpoint, else None.
+        profile: the scorer profile the weights were made for (``paper`` for official checkpoints), or None.
     """
 
     method: str
@@ -95,6 +103,9 @@ class AdapterMetadata:
     loss_history: tuple[float, ...] = ()
     vlad_version: str = ""
     format_version: int = FORMAT_VERSION
+    deep_prompts: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None
+    profile: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -126,9 +137,16 @@ class AdapterMetadata:
     def _check_values(self, source: str) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"{source}: unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_VERSIONS:
             raise ConfigError(f"{source}: format_version {self.format_version} unsupported; this vlad reads "
-                              f"{FORMAT_VERSION}")  # fmt: skip
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")  # fmt: skip
+        if self.deep_prompts is not None and (
+            self.method != "crane-prompts" or not {"depth", "n_ctx"} <= set(self.deep_prompts)
+        ):
+            raise ConfigError(f"{source}: deep_prompts needs method crane-prompts and keys depth, n_ctx; got "
+                              f"{self.deep_prompts!r}")  # fmt: skip
+        if self.profile not in (None, "paper", "vlad"):
+            raise ConfigError(f"{source}: profile must be paper, vlad or null, got {self.profile!r}")
         if self.method == "crane-prompts" and (self.n_ctx is None or self.n_ctx < 1):
             raise ConfigError(f"{source}: crane-prompts adapters need n_ctx >= 1, got {self.n_ctx!r}")
         if self.method == "lora" and (self.lora is None or not {"r", "alpha", "target_modules"} <= set(self.lora)):
@@ -142,6 +160,7 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "image_size": (int,), "prompts": (dict,), "training_data": (dict,), "epochs": (int,), "date": (str,),
     "n_ctx": (int, type(None)), "lora": (dict, type(None)), "seed": (int,), "lr": (int, float),
     "batch_size": (int,), "loss_history": (list,), "vlad_version": (str,), "format_version": (int,),
+    "deep_prompts": (dict, type(None)), "provenance": (dict, type(None)), "profile": (str, type(None)),
 }  # fmt: skip
 
 
@@ -268,14 +287,28 @@ def save_adapter(adapter: Adapter, folder: str | Path, *, overwrite: bool = Fals
 
 def _check_tensors(meta: AdapterMetadata, tensors: dict[str, Any], source: str) -> None:
     if meta.method == "crane-prompts":
-        if set(tensors) != set(PROMPT_KEYS):
-            raise ConfigError(f"adapter {source}: prompt weights must be {list(PROMPT_KEYS)}, got {sorted(tensors)}")
-        shapes = {tuple(t.shape) for t in tensors.values()}
+        deep = sorted(k for k in tensors if k.startswith(DEEP_PREFIX))
+        expected_deep = [f"{DEEP_PREFIX}{i}" for i in range(int(meta.deep_prompts["depth"]) - 1)] if meta.deep_prompts else []
+        if set(tensors) - set(deep) != set(PROMPT_KEYS) or sorted(deep) != sorted(expected_deep):
+            raise ConfigError(f"adapter {source}: prompt weights must be {list(PROMPT_KEYS) + expected_deep}, got "
+                              f"{sorted(tensors)}")  # fmt: skip
+        shapes = {tuple(tensors[k].shape) for k in PROMPT_KEYS}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != meta.n_ctx:
             raise ConfigError(f"adapter {source}: ctx_pos/ctx_neg must both be (n_ctx={meta.n_ctx}, width), got "
                               f"{sorted(shapes)}")  # fmt: skip
+        width = next(iter(shapes))[1]
+        bad = [k for k in deep if tuple(tensors[k].shape) != (int(meta.deep_prompts["n_ctx"]), width)]  # type: ignore[index]
+        if bad:
+            raise ConfigError(f"adapter {source}: deep prompts {bad} must be (n_ctx={meta.deep_prompts['n_ctx']}, "  # type: ignore[index]
+                              f"{width})")  # fmt: skip
     elif not tensors or any("lora_" not in k for k in tensors):
         raise ConfigError(f"adapter {source}: LoRA weights must be non-empty peft lora_A/lora_B tensors")
+
+
+def deep_prompt_tensors(adapter: Adapter) -> list[torch.Tensor]:
+    """The adapter's deep text prompts in block order (empty for adapters without them)."""
+    depth = int(adapter.metadata.deep_prompts["depth"]) if adapter.metadata.deep_prompts else 1
+    return [adapter.tensors[f"{DEEP_PREFIX}{i}"] for i in range(depth - 1)]
 
 
 # ---------------------------------------------------------------------- applying
@@ -334,9 +367,12 @@ def _apply_prompts(scorer: Scorer, adapter: Adapter) -> None:
     from vlad.training import PromptLearner
 
     if not isinstance(scorer, CraneScorer):
-        raise ConfigError(f"crane-prompts adapter {adapter.name} needs a Crane-family scorer (crane, filo), got "
-                          f"{scorer.name!r}")  # fmt: skip
+        raise ConfigError(f"crane-prompts adapter {adapter.name} needs a Crane-family scorer (crane, filo, "
+                          f"anomalyclip), got {scorer.name!r}")  # fmt: skip
     meta = adapter.metadata
+    if meta.profile and meta.profile != scorer.profile:
+        logger.warning("adapter %s was made for the %s profile; scorer %s runs the %s profile (chosen explicitly)",
+                       adapter.name, meta.profile, scorer.name, scorer.profile)  # fmt: skip
     if (tuple(scorer.layers), scorer.attention) != (meta.layers, meta.attention):
         logger.warning(
             "adapter %s was trained with layers %s and %s attention; scorer %s uses %s and %s",

@@ -58,7 +58,30 @@ def register(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--limit", type=positive_int, default=None, help="at most N dataset images (a seeded subset)")
     p.add_argument("--out", required=True, help="output folder, e.g. adapters/NAME")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
-    return {"train-adapter": run_train_adapter}
+
+    i = subparsers.add_parser(
+        "import-checkpoint",
+        help="turn an officially released Crane / AnomalyCLIP checkpoint into a vlad adapter",
+        description="Read an official release file (a plain torch state dict, loaded with weights_only: nothing in "
+        "it is executed) and write a vlad adapter folder for --adapter. The imported prompts select the paper "
+        "profile unless --profile says otherwise.",
+    )
+    i.add_argument("checkpoint", help="the release file, e.g. checkpoints/trained_on_visa_crane/epoch_5.pth")
+    i.add_argument("--format", required=True, choices=["crane", "anomalyclip"], dest="checkpoint_format")
+    i.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"the CLIP it was trained on (default {DEFAULT_BACKBONE})")
+    i.add_argument("--out", required=True, help="adapter folder to write")
+    i.add_argument("--force", action="store_true", help="import even if its token embeddings are another CLIP's")
+    i.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
+    return {"train-adapter": run_train_adapter, "import-checkpoint": run_import_checkpoint}
+
+
+def run_import_checkpoint(args: argparse.Namespace) -> int:
+    from vlad.checkpoints import import_checkpoint
+
+    out = import_checkpoint(args.checkpoint, args.checkpoint_format, args.backbone, args.out, force=args.force,
+                            overwrite=args.overwrite)  # fmt: skip
+    print(f"adapter: {out}  (use --adapter {out} --scorer {'crane' if args.checkpoint_format == 'crane' else 'anomalyclip'})")
+    return EXIT_OK
 
 
 def add_adapter_option(parser: argparse.ArgumentParser) -> None:

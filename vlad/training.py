@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from vlad.adapters import LORA_TARGETS, METHODS, Adapter, AdapterMetadata, lora_backbone
+from vlad.adapters import LORA_TARGETS, METHODS, Adapter, AdapterMetadata, deep_prompt_tensors, lora_backbone
 from vlad.backbones import DEFAULT_BACKBONE, load_backbone, resolve_device
 from vlad.backbones.clip import ClipBackbone
 from vlad.backbones.dense import dense_forward
+from vlad.backbones.prompts import encode_with_context
 from vlad.errors import BackboneError, ConfigError, DatasetError, VladError
 from vlad.scorers.base import Features
 from vlad.scorers.crane import CraneScorer
@@ -77,31 +78,6 @@ def prompt_template(n_ctx: int, suffix: str) -> str:
     return " ".join([CONTEXT_TOKEN] * n_ctx + [suffix])
 
 
-def encode_with_context(model: nn.Module, tokens: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-    """Text embeddings with token positions ``1 .. n_ctx`` replaced by learned vectors (open_clip ``encode_text``).
-
-    Args:
-        model: an open_clip ``CLIP`` model.
-        tokens: (K, L) token ids of K prompts (``L`` = the context length, 77).
-        ctx: (K, n_ctx, width) context vectors.
-
-    Returns:
-        (K, D) unnormalised embeddings.
-    """
-    from open_clip.transformer import text_global_pool
-
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast)
-    x = torch.cat([x[:, :1], ctx.to(cast), x[:, 1 + ctx.shape[1] :]], dim=1)
-    x = x + model.positional_embedding.to(cast)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    proj = model.text_projection
-    if proj is None:
-        return x
-    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
-
-
 def _check_text_tower(model: nn.Module, spec: str) -> int:
     """The text width of an open_clip CLIP text tower (raises BackboneError for other towers)."""
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
@@ -127,7 +103,8 @@ def _context_tokens(backbone: ClipBackbone, templates: Sequence[str], n_ctx: int
 
 
 class PromptLearner(nn.Module):
-    """Crane / AnomalyCLIP object-agnostic learnable prompts: ``ctx_pos`` and ``ctx_neg``, each (n_ctx, width).
+    """Crane / AnomalyCLIP object-agnostic learnable prompts: ``ctx_pos`` and ``ctx_neg``, each (n_ctx, width), and
+    optionally frozen deep text prompts (imported from an official checkpoint; vlad's trainer does not learn them).
 
     Args:
         backbone: the (frozen) CLIP backbone whose text tower encodes the prompts.
@@ -135,10 +112,18 @@ class PromptLearner(nn.Module):
         templates: the [normal, anomalous] prompts with ``X`` placeholders; default ``"X ... X object."`` and
             ``"X ... X damaged object."``.
         seed: seed of the N(0, 0.02) initialisation.
+        deep: deep prompts, each (t_n_ctx, width), spliced before text blocks 1, 2, ... (0-based).
     """
 
     def __init__(
-        self, backbone: ClipBackbone, n_ctx: int = 12, templates: Sequence[str] | None = None, *, seed: int = 0
+        self,
+        backbone: ClipBackbone,
+        n_ctx: int = 12,
+        templates: Sequence[str] | None = None,
+        *,
+        seed: int = 0,
+        deep: Sequence[torch.Tensor] = (),
+        round_fp16: bool = True,
     ) -> None:
         super().__init__()
         width = _check_text_tower(backbone.model, backbone.spec)
@@ -150,11 +135,13 @@ class PromptLearner(nn.Module):
         init = torch.randn(2, n_ctx, width, generator=torch.Generator().manual_seed(seed)) * CTX_INIT_STD
         self.ctx_pos = nn.Parameter(init[0].clone().to(backbone.device))
         self.ctx_neg = nn.Parameter(init[1].clone().to(backbone.device))
+        self.deep = [d.detach().to(backbone.device) for d in deep]
+        self.round_fp16 = round_fp16
 
     def forward(self) -> torch.Tensor:
         """(2, D) L2-normalised [normal, anomalous] text features (fp32)."""
         ctx = torch.stack([self.ctx_pos, self.ctx_neg])
-        return F.normalize(encode_with_context(self.backbone.model, self.tokens, ctx).float(), dim=-1)
+        return F.normalize(encode_with_context(self.backbone.model, self.tokens, ctx, self.deep, round_fp16=self.round_fp16).float(), dim=-1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """``{"ctx_pos", "ctx_neg"}``: detached CPU copies, (n_ctx, width) each."""
@@ -170,7 +157,14 @@ class PromptLearner(nn.Module):
                               f"tower of {backbone.spec} has width {width}")  # fmt: skip
         if not {"normal", "anomalous"} <= set(meta.prompts):
             raise ConfigError(f"adapter {adapter.name}: prompts must hold 'normal' and 'anomalous' templates")
-        learner = cls(backbone, int(meta.n_ctx or 0), (meta.prompts["normal"], meta.prompts["anomalous"]))
+        deep = deep_prompt_tensors(adapter)
+        blocks = len(backbone.model.transformer.resblocks)
+        if len(deep) > blocks - 1:
+            raise ConfigError(f"adapter {adapter.name} has {len(deep)} deep text prompts (text blocks 2..{len(deep) + 1})"
+                              f" but the text tower of {backbone.spec} has {blocks} blocks")  # fmt: skip
+        round_fp16 = bool((meta.deep_prompts or {}).get("round_fp16", True))
+        templates = (meta.prompts["normal"], meta.prompts["anomalous"])
+        learner = cls(backbone, int(meta.n_ctx or 0), templates, deep=deep, round_fp16=round_fp16)
         with torch.no_grad():
             learner.ctx_pos.copy_(tensors["ctx_pos"])
             learner.ctx_neg.copy_(tensors["ctx_neg"])

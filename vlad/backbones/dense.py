@@ -38,12 +38,14 @@ class DenseOutput:
         refined: layer (1-based) -> (B, N, D) projected refined patch tokens, unnormalised, copies.
         grid: (gh, gw).
         values: (B, N, width) the last block's value vectors per patch (heads concatenated), for D-Attn.
+        global_tokens: (B, width) the original stream's final class token (before ``ln_post``).
     """
 
     global_embedding: torch.Tensor
     refined: dict[int, torch.Tensor]
     grid: tuple[int, int]
     values: torch.Tensor | None = None
+    global_tokens: torch.Tensor | None = None
 
 
 def check_attention(attention: str) -> tuple[str, ...]:
@@ -87,16 +89,20 @@ def _out_proj(block: torch.nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
 
 
 def dual_path_block(
-    block: torch.nn.Module, x_o: torch.Tensor, x_r: torch.Tensor, parts: Sequence[str]
+    block: torch.nn.Module, x_o: torch.Tensor, x_r: torch.Tensor, parts: Sequence[str], *, mid_values: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block of both streams on (B, L, width) batch-first tokens; returns (x_o, x_r, v)."""
+    """One block of both streams on (B, L, width) batch-first tokens; returns (x_o, x_r, v).
+
+    ``v`` holds the block's value vectors (B, heads, L, d_h); with ``mid_values`` they are recomputed from the original
+    stream after the attention residual and before the MLP (what Crane's D-Attn reads, its in-place update)."""
     q, k, v = _block_qkv(block, x_o)
     x_o = x_o + _out_proj(block, F.scaled_dot_product_attention(q, k, v))
+    v_out = _block_qkv(block, x_o)[2] if mid_values else v
     x_o = x_o + block.ls_2(block.mlp(block.ln_2(x_o)))
     named = {"q": q, "k": k, "v": v}
     refined = sum(F.scaled_dot_product_attention(named[p], named[p], v) for p in parts)
     x_r = x_r + _out_proj(block, refined)
-    return x_o, x_r, v
+    return x_o, x_r, v_out
 
 
 @torch.no_grad()
@@ -107,7 +113,8 @@ def dense_forward(
     *,
     attention: str = "qq+kk+vv",
     first_refined: int | None = None,
-    keep_values: bool = False,
+    keep_values: bool | str = False,
+    pos_interpolation: str = "bicubic",
 ) -> DenseOutput:
     """Run the image tower with a refined stream from block ``first_refined`` on.
 
@@ -117,7 +124,9 @@ def dense_forward(
         layers: 1-based layers whose refined tokens to return (each >= ``first_refined``).
         attention: one of :data:`ATTENTION_TYPES`.
         first_refined: first block with the refined stream; default: the last 19 blocks.
-        keep_values: also return the last block's value vectors (for D-Attn).
+        keep_values: also return the last block's value vectors (for D-Attn): ``True`` / ``"input"`` from the block's
+            input, ``"mid"`` from the original stream after its attention residual (Crane's reference).
+        pos_interpolation: how the positional embedding is re-gridded (see :data:`vlad.backbones.clip.POS_INTERPOLATIONS`).
     """
     parts = check_attention(attention)
     n = backbone.num_layers
@@ -132,7 +141,7 @@ def dense_forward(
     if not getattr(transformer, "batch_first", True):
         raise BackboneError("dual-path attention needs a batch-first open_clip transformer")
     grid = (x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size)
-    x_o = backbone.embed(x)
+    x_o = backbone.embed(x, pos_interpolation=pos_interpolation)
     x_r, v = x_o, None
     refined: dict[int, torch.Tensor] = {}
     for i, block in enumerate(transformer.resblocks, start=1):
@@ -140,8 +149,8 @@ def dense_forward(
             x_o = block(x_o, attn_mask=None)
             x_r = x_o
             continue
-        x_o, x_r, v = dual_path_block(block, x_o, x_r, parts)
+        x_o, x_r, v = dual_path_block(block, x_o, x_r, parts, mid_values=keep_values == "mid" and i == n)
         if i in taps:
             refined[i] = backbone.project_tokens(x_r[:, 1:].clone())
     values = _merge_heads(v)[:, 1:].clone() if keep_values and v is not None else None
-    return DenseOutput(backbone.project_global(x_o), refined, grid, values)
+    return DenseOutput(backbone.project_global(x_o), refined, grid, values, global_tokens=x_o[:, 0].clone())

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from vlad.scorers.base import Scorer
 
 _SCORERS: dict[str, str] = {
+    "anomalyclip": "vlad.scorers.anomalyclip:AnomalyClipScorer",
     "crane": "vlad.scorers.crane:CraneScorer",
     "filo": "vlad.scorers.filo:FiloScorer",
     "laft": "vlad.scorers.laft:LaftScorer",

@@ -113,6 +113,8 @@ class Scorer:
         if isinstance(backbone, ClipBackbone):
             self.backbone = backbone
         else:
+            if precision == "auto" and self.profile == "paper":
+                precision = "fp32"  # the reference implementations run fp32
             self.backbone = load_backbone(backbone or self.default_backbone, device=device, precision=precision)
         self.image_size = image_size or self.default_image_size()
         self.grid = self.backbone.grid_for(self.image_size)
