@@ -14,13 +14,25 @@ from vlad.scorers.crane import CraneScorer, dense_image_size
 
 @pytest.fixture(scope="module")
 def crane(tiny_backbone):
-    return CraneScorer(tiny_backbone)
+    return CraneScorer(tiny_backbone, profile="vlad")
 
 
 def test_defaults(crane, tiny_backbone):
     assert crane.image_size == 96 == dense_image_size(tiny_backbone)  # 8x8 grid scaled by 37/24 -> 12x12
     assert crane.layers == (1, 2, 3, 4) and crane.first_refined == 1
     assert crane.sigma == pytest.approx(4 * 96 / 518)
+    assert crane.pos_interpolation == "bicubic" and crane.soft_mean
+
+
+def test_paper_profile_defaults(tiny_backbone):
+    paper = CraneScorer(tiny_backbone)
+    assert paper.profile == "paper" and not paper.profile_explicit
+    assert paper.layers == (4,) and paper.first_refined == 1  # the reference's 6/12/18/24 taps all hold layer 24
+    assert paper.sigma == 4.0 and paper.pos_interpolation == "bilinear" and paper.soft_mean
+    assert not CraneScorer(tiny_backbone, dattn="random:dinov2-tiny").soft_mean  # Crane+: softmax of mean logits
+    assert any("import-checkpoint --format crane" in w for w in paper.warnings())
+    with pytest.raises(ConfigError, match="unknown profile 'papers'; allowed: paper, vlad"):
+        CraneScorer(tiny_backbone, profile="papers")
 
 
 def test_vit_l_geometry_is_518():
@@ -56,7 +68,7 @@ def test_zero_shot_contract(crane, texture_set):
 
 
 def test_few_shot_localises_a_planted_defect(tiny_backbone, texture_set):
-    scorer = CraneScorer(tiny_backbone).fit(texture_set["refs"])
+    scorer = CraneScorer(tiny_backbone, profile="vlad").fit(texture_set["refs"])
     result = scorer.score(texture_set["bad"], "texture")
     mask = texture_set["mask"]
     assert roc_auc_score(mask.ravel(), result.anomaly_map.ravel()) > 0.85

@@ -18,8 +18,8 @@ def _build(name, tiny_backbone, texture_set):
     return scorer
 
 
-def test_registry_lists_the_five_scorers():
-    assert list_scorers() == ["crane", "filo", "laft", "musc", "winclip"]
+def test_registry_lists_the_six_scorers():
+    assert list_scorers() == ["anomalyclip", "crane", "filo", "laft", "musc", "winclip"]
 
 
 @pytest.mark.parametrize("name", list_scorers())
