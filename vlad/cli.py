@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="vlad-out", help="output directory (overlays and report.jsonl)")
     d.add_argument("--format", choices=["table", "json"], default="table", help="what to print")
     d.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
+    d.add_argument("--save-maps", action="store_true", help="also write each raw anomaly map as float32 .npy at the "
+                   "input image's resolution to <out>/maps/<stem>.npy (the report's `map` field)")
     _add_model_options(d)
     train_cli.add_adapter_option(d)
     rules_cli.add_rules_option(d)
@@ -82,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed for choosing references and --limit subsets")
     e.add_argument("--eval-size", type=positive_int, default=None, help="side at which pixel metrics are computed "
                    "(default: the scorer's input size)")
-    e.add_argument("--legacy-aupro", action="store_true", help="also report the 200-threshold paper-style AUPRO")
+    e.add_argument("--legacy-aupro", action="store_true", help="deprecated, no effect: the 200-threshold paper-style "
+                   "AUPRO (pixel_aupro_legacy) is always reported next to the exact one (pixel_aupro)")
     e.add_argument("--out", default=None, help="write the metrics JSON here")
+    e.add_argument("--save-maps", action="store_true", help="also write each raw anomaly map as float32 .npy at the "
+                   "input image's resolution, in <JSON name>_maps/<category>/<defect>/ next to --out or in --maps-dir")
+    e.add_argument("--maps-dir", default=None, help="folder for the saved anomaly maps (implies --save-maps)")
     _add_model_options(e)
     train_cli.add_adapter_option(e)
     rules_cli.add_rules_option(e)

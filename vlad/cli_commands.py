@@ -7,24 +7,60 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import vlad
 from vlad.cli import EXIT_OK, EXIT_PARTIAL, UsageError, emit_json
 from vlad.errors import ImageLoadError
 
 # ---------------------------------------------------------------------- shared
 
 
-def _progress(items: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
-    """A tqdm bar on stderr when it is a terminal and the job is not tiny."""
-    from tqdm import tqdm
+def _progress(n_items: int, step: int, command: str, label: str = "") -> Iterator[int]:
+    """Batch starts ``range(0, n_items, step)`` with progress on stderr, counted in images.
 
-    return tqdm(items, total=total, desc=desc, unit="img", disable=total < 4 or not sys.stderr.isatty(), leave=False)
+    On a terminal: a tqdm bar (none for tiny jobs). Otherwise (logs, CI, pipes): a line such as ``eval: bottle 40/83``
+    about every 10 %, never one per image.
+    """
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        desc = f"{command} {label}".strip()
+        with tqdm(total=n_items, desc=desc, unit="img", disable=n_items < 4, leave=False) as bar:
+            for start in range(0, n_items, step):
+                yield start
+                bar.update(min(step, n_items - start))
+        return
+    prefix = f"{command}: {label} " if label else f"{command}: "
+    tenths = 0
+    for start in range(0, n_items, step):
+        yield start
+        done = min(start + step, n_items)
+        if 10 * done // n_items > tenths:
+            tenths = 10 * done // n_items
+            print(f"{prefix}{done}/{n_items}", file=sys.stderr, flush=True)
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ... when taken (case-insensitively, for macOS and Windows disks)."""
+    name, n = stem, 1
+    while name.lower() in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name.lower())
+    return name
+
+
+def _save_map(path: Path, anomaly_map: np.ndarray) -> Path:
+    """Writes a raw anomaly map as float32 ``.npy`` (``np.load`` reads it back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.ascontiguousarray(anomaly_map, dtype=np.float32))
+    return path
 
 
 _SCORER_ONLY_OPTIONS = {"detector": ("filo",), "dattn": ("crane", "filo")}
@@ -130,7 +166,9 @@ def _error_row(path: Path, message: str, args: argparse.Namespace) -> dict[str, 
     return {"path": str(path), "object": args.object_name, "scorer": args.scorer, "error": message}
 
 
-def _result_row(path: Path, result: Any, overlay: Path | None, args: argparse.Namespace) -> dict[str, Any]:
+def _result_row(
+    path: Path, result: Any, overlay: Path | None, args: argparse.Namespace, map_path: Path | None = None
+) -> dict[str, Any]:
     d = result.to_dict()
     return {
         "path": str(path),
@@ -140,6 +178,7 @@ def _result_row(path: Path, result: Any, overlay: Path | None, args: argparse.Na
         "rule_hits": d["rule_hits"],
         "adapter": d["meta"].get("adapter"),
         "overlay": str(overlay) if overlay else None,
+        "map": str(map_path) if map_path else None,
         "timings": d["timings"],
         "warnings": d["warnings"],
         "error": None,
@@ -158,7 +197,7 @@ def _score_files(
     from vlad.viz import render_result
 
     rows: list[dict[str, Any]] = []
-    stems: dict[str, int] = defaultdict(int)
+    used: set[str] = set()
     loaded: list[tuple[Path, Any]] = []
     for path in files:
         try:
@@ -166,19 +205,21 @@ def _score_files(
         except ImageLoadError as exc:
             rows.append(_error_row(path, str(exc), args))
     step = _chunks(scorer, len(loaded))
-    for start in _progress(range(0, len(loaded), step), (len(loaded) + step - 1) // step, "detect"):
+    for start in _progress(len(loaded), step, "detect"):
         batch = loaded[start : start + step]
         results = scorer.score_many([im for _, im in batch], args.object_name)
         for (path, image), result in zip(batch, results, strict=True):
             if rules is not None:
                 result = rules.apply(result, image)
+            name = _unique_name(path.stem, used)  # the same name for the overlay and the map of one image
             overlay = None
             if not args.no_overlay:
-                stems[path.stem] += 1
-                suffix = "" if stems[path.stem] == 1 else f"_{stems[path.stem]}"
-                overlay = out / f"{path.stem}{suffix}_overlay.png"
+                overlay = out / f"{name}_overlay.png"
                 render_result(image, result).save(overlay)
-            row = _result_row(path, result, overlay, args)
+            map_path = None
+            if getattr(args, "save_maps", False):
+                map_path = _save_map(out / "maps" / f"{name}.npy", result.anomaly_map)
+            row = _result_row(path, result, overlay, args, map_path)
             if getattr(args, "explain", False):
                 from vlad.explain.cli import explain_row
 
@@ -231,6 +272,8 @@ def run_detect(args: argparse.Namespace) -> int:
         print(f"report: {report}")
         if not args.no_overlay:
             print(f"overlays: {out}/")
+        if getattr(args, "save_maps", False):
+            print(f"anomaly maps: {out / 'maps'}/")
     if failed:
         print(f"vlad detect: {failed} of {len(rows)} images failed (see report.jsonl)", file=sys.stderr)
     return EXIT_PARTIAL if failed else EXIT_OK
@@ -263,10 +306,22 @@ def _resize_map(amap: np.ndarray, size: int) -> np.ndarray:
 
 
 def _evaluate_category(
-    scorer: Any, samples: list[Any], name: str, args: argparse.Namespace, tracker: Any = None
+    scorer: Any,
+    samples: list[Any],
+    name: str,
+    args: argparse.Namespace,
+    tracker: Any = None,
+    maps_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """Scores one category and computes its metrics.
+
+    Image metrics use every scored image; pixel metrics use the normal images (all-zero masks) and the anomalous images
+    that have a mask, and are NaN with a ``pixel_metrics_note`` when no anomalous image has one. With ``maps_dir``,
+    each raw map is saved at the input resolution as ``maps_dir/<category>/<defect>/<stem>.npy``.
+    """
     from vlad.data import load_image, load_mask
-    from vlad.metrics import compute_metrics
+    from vlad.metrics import compute_image_metrics, compute_pixel_metrics
+    from vlad.metrics._summary import PIXEL_METRICS
 
     size = args.eval_size or scorer.image_size
     loaded, failed = [], []
@@ -275,9 +330,11 @@ def _evaluate_category(
             loaded.append((s, load_image(s.path)))
         except ImageLoadError as exc:
             failed.append({"path": str(s.path), "error": str(exc)})
-    scores, labels, maps, masks, pixel_ok = [], [], [], [], []
+    scores, labels, maps, masks, pixel_ok, images = [], [], [], [], [], []
+    used: dict[Path, set[str]] = defaultdict(set)
     step = _chunks(scorer, len(loaded))
-    for start in _progress(range(0, len(loaded), step), (len(loaded) + step - 1) // step, name):
+    category = samples[0].category if samples else name
+    for start in _progress(len(loaded), step, "eval", category):
         batch = loaded[start : start + step]
         for (s, image), result in zip(batch, scorer.score_many([im for _, im in batch], name), strict=True):
             if tracker is not None:
@@ -290,32 +347,76 @@ def _evaluate_category(
             maps.append(_resize_map(result.anomaly_map, size))
             masks.append(load_mask(s.mask_path, (size, size)) if s.mask_path else np.zeros((size, size), bool))
             pixel_ok.append(s.label == 0 or s.mask_path is not None)
-    keep = np.array(pixel_ok, bool)
-    metrics = compute_metrics(
-        np.array(scores), np.array(labels),
-        np.stack(maps)[keep] if keep.any() else None, np.stack(masks)[keep] if keep.any() else None,
-        legacy_aupro=args.legacy_aupro,
-    )  # fmt: skip
+            map_path = None
+            if maps_dir is not None:
+                folder = maps_dir / s.category / s.defect
+                map_path = _save_map(folder / f"{_unique_name(s.path.stem, used[folder])}.npy", result.anomaly_map)
+            images.append({"path": str(s.path), "category": s.category, "label": int(s.label), "defect": s.defect,
+                           "pred_score": float(result.pred_score), "mask": str(s.mask_path) if s.mask_path else None,
+                           "map": str(map_path) if map_path else None})  # fmt: skip
+    keep, bad = np.array(pixel_ok, bool), np.array(labels, int) == 1
+    metrics = compute_image_metrics(np.array(scores), np.array(labels))
+    note = None
+    if (keep & bad).any():
+        metrics.update(compute_pixel_metrics(np.stack(maps)[keep], np.stack(masks)[keep]))
+        if not keep.all():
+            note = (f"pixel metrics over the {int(keep.sum())} of {len(keep)} images with ground truth: "
+                    f"{int((~keep).sum())} anomalous image(s) have no mask")  # fmt: skip
+    else:
+        metrics.update(dict.fromkeys(PIXEL_METRICS, float("nan")))
+        note = "pixel metrics n/a: " + ("no anomalous image has a mask" if bad.any() else "no anomalous image")
     return {
         "metrics": metrics,
         "n_images": len(scores),
         "n_anomalous": int(np.sum(labels)),
         "n_without_mask": int((~keep).sum()),
+        "pixel_metrics_note": note,
         "failed": failed,
+        "images": images,
     }
 
 
-def _print_metrics(per_category: dict[str, dict[str, float]], mean: dict[str, float]) -> None:
+_COLUMNS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
+            "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO",
+            "pixel_aupro_legacy": "AUPRO-legacy"}  # fmt: skip
+
+
+def _print_metrics(per_category: dict[str, dict[str, float]], mean: dict[str, float], notes: dict[str, str]) -> None:
+    """The metrics table in percent; ``n/a`` where a metric is undefined, then the column legend and the notes."""
     keys = list(mean)
-    print(f"{'category':16s} " + " ".join(f"{k:>13s}" for k in keys))
+    labels = [_COLUMNS.get(k, k) for k in keys]
+    print(f"{'category':16s} " + " ".join(f"{label:>8s}" for label in labels))
     for name, m in [*per_category.items(), ("mean", mean)]:
-        print(f"{name:16s} " + " ".join(f"{100 * m.get(k, float('nan')):13.1f}" for k in keys))
+        cells = []
+        for k, label in zip(keys, labels, strict=True):
+            value = m.get(k, float("nan"))
+            cell = "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
+            cells.append(f"{cell:>{max(8, len(label))}s}")
+        print(f"{name:16s} " + " ".join(cells))
+    if "pixel_aupro" in mean:
+        print("I-/P-: image/pixel level; AUPRO: exact, FPR limit 0.3; AUPRO-legacy: 200 thresholds, FPR < 0.3 "
+              "re-scaled to [0, 1] (cflow-ad, as most papers print it)")  # fmt: skip
+    for name, note in notes.items():
+        print(f"note: {name}: {note}")
+
+
+def _eval_maps_dir(args: argparse.Namespace) -> Path | None:
+    """Where ``--save-maps`` / ``--maps-dir`` put the maps: ``--maps-dir``, else ``<JSON stem>_maps`` next to --out."""
+    if getattr(args, "maps_dir", None):
+        return Path(args.maps_dir)
+    if not getattr(args, "save_maps", False):
+        return None
+    if not args.out:
+        raise UsageError("--save-maps needs --out (the maps go next to the JSON) or --maps-dir")
+    out = Path(args.out)
+    return out.with_name(f"{out.stem}_maps")
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from vlad.data import load_dataset, prompt_name, reference_images
     from vlad.metrics import macro_mean
 
+    maps_dir = _eval_maps_dir(args)
     samples = load_dataset(args.root, args.layout, args.category, split="test")
     by_category: dict[str, list[Any]] = defaultdict(list)
     for s in samples:
@@ -341,19 +442,25 @@ def run_eval(args: argparse.Namespace) -> int:
             scorer.fit(reference_images(args.root, args.layout, category, args.shots, seed=args.seed))
         else:
             scorer.clear_references()
-        results[category] = _evaluate_category(scorer, _limit(items, args.limit, args.seed), name, args, tracker)
+        picked = _limit(items, args.limit, args.seed)
+        results[category] = _evaluate_category(scorer, picked, name, args, tracker, maps_dir)
+    images = [record for r in results.values() for record in r.pop("images")]
     per_category = {c: r["metrics"] for c, r in results.items()}
     mean = macro_mean(per_category)
-    _print_metrics(per_category, mean)
+    notes = {c: r["pixel_metrics_note"] for c, r in results.items() if r["pixel_metrics_note"]}
+    _print_metrics(per_category, mean, notes)
     if tracker is not None:
         print(f"\nlanguage-model verdicts ({args.lvlm}):\n{tracker.format_table()}")
     failed = sum(len(r["failed"]) for r in results.values())
     payload = {
         "settings": {**scorer.describe(), "root": str(args.root), "layout": args.layout, "shots": args.shots,
                      "seed": args.seed, "limit": args.limit, "eval_size": args.eval_size or scorer.image_size,
-                     "auxiliary_training_data": None, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                     "auxiliary_training_data": None, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "vlad_version": vlad.__version__, "maps_dir": None if maps_dir is None else str(maps_dir)},
         "per_category": results,
         "mean": mean,
+        "pixel_metrics_note": "; ".join(f"{c}: {n}" for c, n in notes.items()) or None,
+        "images": images,
         "lvlm_verdicts": None if tracker is None else {"lvlm": args.lvlm, **tracker.summary()},
         "seconds": round(time.perf_counter() - started, 2),
         "warnings": list(scorer.warnings()),
@@ -362,6 +469,8 @@ def run_eval(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(_clean(payload), indent=2), encoding="utf-8")
         print(f"metrics: {args.out}")
+    if maps_dir is not None:
+        print(f"anomaly maps: {maps_dir}/")
     for w in payload["warnings"]:
         print(f"warning: {w}")
     if failed:

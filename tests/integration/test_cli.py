@@ -151,8 +151,8 @@ def test_eval_on_mvtec_layout(synthetic_mvtec, tmp_path, capsys, shots):
     assert "tex" in table and "tiles" in table and "mean" in table
     data = json.loads(out.read_text())
     assert set(data["per_category"]) == {"tex", "tiles"}
-    keys = {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro",
-            "aupro_legacy"}  # fmt: skip
+    keys = {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
+            "pixel_aupro_legacy"}  # fmt: skip
     assert keys <= set(data["mean"])
     for cat in data["per_category"].values():
         assert cat["n_images"] in (4, 6) and cat["failed"] == []
@@ -297,4 +297,4 @@ def test_eval_with_concept_rules_changes_scores(synthetic_mvtec, tmp_path):
     a = json.loads(plain.read_text())["per_category"]["tex"]["metrics"]
     b = json.loads(ruled.read_text())["per_category"]["tex"]["metrics"]
     assert a["pixel_auroc"] is not None and b["pixel_auroc"] is not None
-    assert any(abs(a[k] - b[k]) > 1e-9 for k in ("pixel_auroc", "pixel_ap", "aupro", "image_ap"))
+    assert any(abs(a[k] - b[k]) > 1e-9 for k in ("pixel_auroc", "pixel_ap", "pixel_aupro", "image_ap"))

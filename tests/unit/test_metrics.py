@@ -365,33 +365,35 @@ def test_compute_image_metrics_single_class_gives_nan() -> None:
 def test_compute_pixel_metrics_on_nhw_inputs() -> None:
     maps, masks = random_case(2, shape=(5, 16, 16), decimals=2)
     metrics = compute_pixel_metrics(maps, masks)
-    assert list(metrics) == ["pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"]
+    assert list(metrics) == ["pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "pixel_aupro_legacy"]
     flat_maps, flat_masks = maps.ravel(), masks.ravel()
     assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(flat_masks, flat_maps), abs=1e-12)
     assert metrics["pixel_ap"] == pytest.approx(average_precision_score(flat_masks, flat_maps), abs=1e-12)
     assert metrics["pixel_f1max"] == pytest.approx(f1_max(flat_maps, flat_masks)[0], abs=1e-12)
-    assert metrics["aupro"] == pytest.approx(brute_force_aupro(maps, masks), abs=1e-9)
-    with_legacy = compute_pixel_metrics(maps, masks.astype(np.uint8), legacy_aupro=True)
-    assert with_legacy["aupro_legacy"] == pytest.approx(aupro_legacy(maps, masks), abs=1e-12)
-    assert {key: with_legacy[key] for key in metrics} == metrics
+    assert metrics["pixel_aupro"] == pytest.approx(brute_force_aupro(maps, masks), abs=1e-9)
+    assert metrics["pixel_aupro_legacy"] == pytest.approx(aupro_legacy(maps, masks), abs=1e-12)
+    without_legacy = compute_pixel_metrics(maps, masks.astype(np.uint8), legacy_aupro=False)
+    assert without_legacy == {key: metrics[key] for key in without_legacy}
+    assert "pixel_aupro_legacy" not in without_legacy
 
 
 def test_compute_pixel_metrics_without_defects_gives_nan() -> None:
     maps = np.random.default_rng(0).random((2, 8, 8))
-    metrics = compute_pixel_metrics(maps, np.zeros((2, 8, 8), dtype=bool), legacy_aupro=True)
-    assert set(metrics) == {"pixel_auroc", "pixel_ap", "pixel_f1max", "aupro", "aupro_legacy"}
+    metrics = compute_pixel_metrics(maps, np.zeros((2, 8, 8), dtype=bool))
+    assert set(metrics) == {"pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "pixel_aupro_legacy"}
     assert all(math.isnan(value) for value in metrics.values())
-    all_defect = compute_pixel_metrics(maps, np.ones((2, 8, 8), dtype=bool), legacy_aupro=True)
-    assert math.isnan(all_defect["pixel_auroc"]) and math.isnan(all_defect["aupro"])
-    assert math.isnan(all_defect["aupro_legacy"]) and all_defect["pixel_ap"] == 1.0
+    all_defect = compute_pixel_metrics(maps, np.ones((2, 8, 8), dtype=bool))
+    assert math.isnan(all_defect["pixel_auroc"]) and math.isnan(all_defect["pixel_aupro"])
+    assert math.isnan(all_defect["pixel_aupro_legacy"]) and all_defect["pixel_ap"] == 1.0
 
 
 def test_compute_metrics_combines_both_levels() -> None:
     maps, masks = random_case(4, decimals=2)
     scores = maps.reshape(len(maps), -1).max(axis=1)
     labels = masks.any(axis=(1, 2))
-    metrics = compute_metrics(scores, labels, maps, masks, legacy_aupro=True)
-    expected = {**compute_image_metrics(scores, labels), **compute_pixel_metrics(maps, masks, legacy_aupro=True)}
+    metrics = compute_metrics(scores, labels, maps, masks)
+    expected = {**compute_image_metrics(scores, labels), **compute_pixel_metrics(maps, masks)}
+    assert "pixel_aupro_legacy" in metrics
     assert metrics == expected
     assert compute_metrics(scores, labels) == compute_image_metrics(scores, labels)
     with pytest.raises(ValueError, match="must be given together, got masks=None"):
@@ -404,7 +406,7 @@ def test_compute_metrics_single_class_images_give_nan_not_error() -> None:
     maps, masks = random_case(4, decimals=2)
     metrics = compute_metrics(np.arange(4.0), np.zeros(4), maps, masks)
     assert math.isnan(metrics["image_auroc"]) and math.isnan(metrics["image_ap"])
-    assert not math.isnan(metrics["aupro"])
+    assert not math.isnan(metrics["pixel_aupro"])
 
 
 def test_macro_mean_ignores_nan() -> None:

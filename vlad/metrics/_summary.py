@@ -15,6 +15,8 @@ from vlad.metrics._scores import image_inputs, pixel_inputs
 
 _FPR_LIMIT = 0.3
 _LEGACY_STEPS = 200
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "pixel_aupro_legacy")
+"""The keys of :func:`compute_pixel_metrics`, in order."""
 
 
 def _or_nan(metric: Callable[[], float]) -> float:
@@ -49,20 +51,20 @@ def compute_image_metrics(scores: ArrayLike, labels: ArrayLike) -> dict[str, flo
     return _curve_metrics(rank(*image_inputs(scores, labels)), "image")
 
 
-def compute_pixel_metrics(
-    anomaly_maps: ArrayLike, masks: ArrayLike, *, legacy_aupro: bool = False
-) -> dict[str, float]:
-    """Pixel-level AUROC, AP, F1-max and exact AUPRO (FPR limit 0.3), sharing one sort of the pixels.
+def compute_pixel_metrics(anomaly_maps: ArrayLike, masks: ArrayLike, *, legacy_aupro: bool = True) -> dict[str, float]:
+    """Pixel-level AUROC, AP, F1-max, exact AUPRO and legacy AUPRO (FPR limit 0.3), sharing one sort of the pixels.
 
     Args:
         anomaly_maps: pixel scores, shape ``(N, H, W)``.
         masks: ground truth, True (or 1) for anomalous pixels, shape ``(N, H, W)``.
-        legacy_aupro: also return ``aupro_legacy`` (see :func:`vlad.metrics.aupro_legacy`, 200 thresholds).
+        legacy_aupro: also return ``pixel_aupro_legacy`` (see :func:`vlad.metrics.aupro_legacy`, 200 thresholds, the
+            number the papers print); on by default.
 
     Returns:
-        ``{"pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"}`` and ``"aupro_legacy"`` when asked. Metrics undefined
-        for these masks are ``nan`` instead of an error: with no anomalous pixel all of them; with no normal pixel
-        AUROC and both AUPROs; legacy AUPRO also for constant maps or too few FPR values below the limit.
+        ``{"pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "pixel_aupro_legacy"}`` (the last one unless
+        ``legacy_aupro=False``). Metrics undefined for these masks are ``nan`` instead of an error: with no anomalous
+        pixel all of them; with no normal pixel AUROC and both AUPROs; legacy AUPRO also for constant maps or too few
+        FPR values below the limit.
 
     Raises:
         ValueError: malformed input (shapes differ, non-finite maps, masks not 0/1).
@@ -71,9 +73,9 @@ def compute_pixel_metrics(
     weights, n_regions = region_weights(gt)
     ranking = rank(maps.ravel(), gt.ravel(), weights)
     metrics = _curve_metrics(ranking, "pixel")
-    metrics["aupro"] = _or_nan(lambda: exact_aupro(ranking, n_regions, _FPR_LIMIT))
+    metrics["pixel_aupro"] = _or_nan(lambda: exact_aupro(ranking, n_regions, _FPR_LIMIT))
     if legacy_aupro:
-        metrics["aupro_legacy"] = _or_nan(lambda: _legacy(ranking, n_regions))
+        metrics["pixel_aupro_legacy"] = _or_nan(lambda: _legacy(ranking, n_regions))
     return metrics
 
 
@@ -88,7 +90,7 @@ def compute_metrics(
     anomaly_maps: ArrayLike | None = None,
     masks: ArrayLike | None = None,
     *,
-    legacy_aupro: bool = False,
+    legacy_aupro: bool = True,
 ) -> dict[str, float]:
     """Image metrics and, when maps and masks are given, pixel metrics, in one dictionary.
 
@@ -97,7 +99,7 @@ def compute_metrics(
         labels: 1 (or True) for anomalous images, shape ``(N,)``.
         anomaly_maps: pixel scores, shape ``(N, H, W)``; give together with ``masks`` or not at all.
         masks: ground truth, True (or 1) for anomalous pixels, shape ``(N, H, W)``.
-        legacy_aupro: also return ``aupro_legacy``.
+        legacy_aupro: also return ``pixel_aupro_legacy`` (on by default).
 
     Returns:
         The keys of :func:`compute_image_metrics` followed by those of :func:`compute_pixel_metrics`; undefined
