@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", default=None, help="backbone spec (default: the scorer's)")
     s.add_argument("--lvlm", default="template", help="explainer: template, openai:URL[#model], transformers:MODEL")
     s.add_argument("--device", default="auto")
+    s.add_argument("--profile", default=None, choices=["paper", "vlad"], help="scorer profile (default paper)")
+    s.add_argument("--adapter", default=None, metavar="NAME_OR_PATH", help="learned or imported adapter for the scorer")
     s.add_argument("--auth", default=None, help="user:password for basic login")
     _EXTENSION_HANDLERS.clear()
     _EXTENSION_HANDLERS.update(train_cli.register(sub))

@@ -507,7 +507,8 @@ def run_serve(args: argparse.Namespace) -> int:
         from webui.app import build_app, launch
     except ImportError as exc:
         raise UsageError(f"the web UI needs gradio: pip install 'vlad[ui]' ({exc})") from exc
-    demo = build_app(scorer=args.scorer, backbone=args.backbone, lvlm=args.lvlm, device=args.device)
+    demo = build_app(scorer=args.scorer, backbone=args.backbone, lvlm=args.lvlm, device=args.device,
+                     profile=args.profile, adapter=args.adapter)  # fmt: skip
     print(f"vlad web UI on http://{args.host}:{args.port}", flush=True)
     launch(demo, host=args.host, port=args.port, auth=auth)
     return EXIT_OK

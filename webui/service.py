@@ -65,16 +65,24 @@ class InspectorService:
         backbone: default backbone spec (None: the scorer's default).
         lvlm: explainer backend spec (``template`` needs no model).
         device: ``auto``, ``cpu``, ``cuda``...
+        profile: scorer profile, ``paper`` or ``vlad`` (None: the default, ``paper``).
+        adapter: a learned or imported adapter (bundled name or folder) applied to every scorer built.
     """
 
     def __init__(self, scorer: str = "winclip", backbone: str | None = None, lvlm: str = "template",
-                 device: str = "auto", max_upload_mb: float = 20.0) -> None:  # fmt: skip
+                 device: str = "auto", max_upload_mb: float = 20.0, profile: str | None = None,
+                 adapter: str | None = None) -> None:  # fmt: skip
         from vlad.scorers import list_scorers
 
         if scorer not in list_scorers():
             raise VladError(f"unknown scorer {scorer!r}; available: {', '.join(list_scorers())}")
+        from vlad.scorers.base import check_profile
+
+        check_profile(profile)
         self.scorer = scorer
         self.backbone = backbone
+        self.profile = profile
+        self.adapter = adapter
         self.lvlm = lvlm
         self.device = device
         self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
@@ -104,7 +112,8 @@ class InspectorService:
 
     def status_markdown(self) -> str:
         backbone = self.backbone or "the scorer's default"
-        parts = [f"**scorer** `{self.scorer}` · **backbone** `{backbone}` · **explainer** `{self.lvlm}`"]
+        parts = [f"**scorer** `{self.scorer}` · **profile** `{self.profile or 'paper'}` · **backbone** `{backbone}` · "
+                 f"**explainer** `{self.lvlm}`" + (f" · **adapter** `{self.adapter}`" if self.adapter else "")]
         if (self.backbone or "").startswith("random:"):
             parts.append(f"⚠️ **The backbone `{self.backbone}` has random weights: scores and maps are meaningless.** "
                          "Start with real weights, e.g. `vlad serve --backbone "
@@ -121,10 +130,15 @@ class InspectorService:
 
         name = scorer or self.scorer
         kwargs: dict[str, Any] = {"backbone": backbone or self.backbone, "device": self.device,
-                                  "sensitivity": sensitivity}  # fmt: skip
+                                  "sensitivity": sensitivity, "profile": self.profile}  # fmt: skip
         if name == "filo":
             kwargs["detector"] = "none" if (backbone or self.backbone or "").startswith("random:") else "grounding-dino"
-        return get_scorer(name, **kwargs)
+        built = get_scorer(name, **kwargs)
+        if self.adapter:
+            from vlad.adapters import apply_adapter
+
+            apply_adapter(built, self.adapter)
+        return built
 
     def explainer(self) -> Any:
         return "template" if self.lvlm_problem else self.lvlm

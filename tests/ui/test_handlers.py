@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from webui.app import chat, resensitise, run_batch
 from webui.service import InspectorService, Session
+
+from vlad.errors import VladError
 
 SETTINGS = ("part", "winclip", "", None, "", 0.5)
 
@@ -102,3 +106,15 @@ def test_rules_apply_and_are_shown(service, uploads):
     assert all(r.position != "top left" for r in session.inspection.result.regions)
     _, history, *_ = _run(service, {"text": "what rule fired?", "files": []}, history, session)
     assert "dent" in history[-1]["content"]
+
+
+def test_service_builds_scorers_with_the_profile_and_adapter(tmp_path):
+    from webui.service import InspectorService
+
+    service = InspectorService(scorer="crane", backbone="random:tiny", profile="vlad")
+    scorer = service.build_scorer(None, None, 0.5)
+    assert scorer.profile == "vlad" and scorer.layers == (1, 2, 3, 4)
+    assert "**profile** `vlad`" in service.status_markdown()
+    assert InspectorService(scorer="crane", backbone="random:tiny").build_scorer(None, None, 0.5).profile == "paper"
+    with pytest.raises(VladError, match="unknown profile 'exact'"):
+        InspectorService(scorer="crane", profile="exact")
