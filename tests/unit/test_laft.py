@@ -353,3 +353,9 @@ def test_image_score_options(tiny_backbone, fitted, texture_set):
 def test_bad_config(tiny_backbone, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         LaftScorer(tiny_backbone, **kwargs)
+
+
+def test_profile_picks_the_image_score(tiny_backbone):
+    assert LaftScorer(tiny_backbone).image_score == "global"  # paper: LAFT-AD's global kNN
+    assert LaftScorer(tiny_backbone, profile="vlad").image_score == "mean"
+    assert LaftScorer(tiny_backbone, profile="vlad", image_score="patches").image_score == "patches"

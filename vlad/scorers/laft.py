@@ -13,8 +13,8 @@ Scores, with cosine distance ``1 - cos`` in [0, 2]:
 - image score: ``image_score="global"`` (LAFT-AD's): the mean of the ``min(image_knn, references)`` smallest
   distances of the global embedding to the references' global embeddings (LAFT uses k = 30 over a training set; with
   a few references this is the mean distance to all of them). ``"patches"`` uses the map's maximum instead and
-  ``"mean"`` (the default) the average of the two: a deviation, because a small defect barely moves the global
-  embedding, while the map's peak sees it.
+  ``"mean"`` the average of the two (the ``vlad`` profile's default; ``paper`` uses ``global``): a deviation, because
+  a small defect barely moves the global embedding, while the map's peak sees it (not yet measured on real data).
 
 Normal references are required (``fit()``, ``--refs``). Thresholds: with at least 2 references they are calibrated
 leave-one-out (each reference scored against the others, see :mod:`vlad.thresholds`); with a single reference the
@@ -70,7 +70,8 @@ class LaftScorer(Scorer):
         concepts: the user's words, e.g. ``"ignore colour and lighting"``; None: no transform (plain kNN).
         patch_knn: neighbours per patch for the map (default 1).
         image_knn: neighbours for the global image score (default 30, LAFT-AD's; capped at the references).
-        image_score: ``global``, ``patches`` or ``mean`` (see the module docstring).
+        image_score: ``global``, ``patches`` or ``mean`` (see the module docstring); default ``global`` (LAFT-AD's) in
+            the ``paper`` profile and ``mean`` in the ``vlad`` profile.
         components: directions per concept; None: chosen by ``explained_variance``.
         explained_variance: per-concept variance share the subspace keeps when ``components`` is None.
         **kwargs: see :class:`~vlad.scorers.base.Scorer`.
@@ -92,7 +93,7 @@ class LaftScorer(Scorer):
         concepts: str | None = None,
         patch_knn: int = 1,
         image_knn: int = 30,
-        image_score: str = "mean",
+        image_score: str | None = None,
         components: int | None = None,
         explained_variance: float = DEFAULT_EXPLAINED_VARIANCE,
         **kwargs: object,
@@ -104,6 +105,7 @@ class LaftScorer(Scorer):
         for option, value in (("patch_knn", patch_knn), ("image_knn", image_knn)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{option} must be an integer >= 1, got {value!r}")
+        image_score = image_score or ("global" if self.profile == "paper" else "mean")
         if image_score not in IMAGE_SCORES:
             raise ConfigError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {image_score!r}")
         self.patch_knn = patch_knn
