@@ -314,6 +314,7 @@ def _print_metrics(per_category: dict[str, dict[str, float]], mean: dict[str, fl
 
 def run_eval(args: argparse.Namespace) -> int:
     from vlad.data import load_dataset, prompt_name, reference_images
+    from vlad.data.defects import prompt_overlap_warnings
     from vlad.metrics import macro_mean
 
     samples = load_dataset(args.root, args.layout, args.category, split="test")
@@ -356,7 +357,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "mean": mean,
         "lvlm_verdicts": None if tracker is None else {"lvlm": args.lvlm, **tracker.summary()},
         "seconds": round(time.perf_counter() - started, 2),
-        "warnings": list(scorer.warnings()),
+        "warnings": list(scorer.warnings()) + prompt_overlap_warnings(scorer, samples),
     }  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
