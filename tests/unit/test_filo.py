@@ -251,6 +251,14 @@ def test_vlad_profile_score_reads_the_weighted_map(tiny_backbone, texture_set):
 
 
 # ---------------------------------------------------------------------- fallbacks and few-shot
+def test_paper_reads_the_last_refined_stream(tiny_backbone):
+    """FiLo's V-V token sets alias one in-place-updated tensor: all hold the last block's refined stream."""
+    n = tiny_backbone.num_layers
+    assert FiloScorer(tiny_backbone, detector="none").layers == (n,)
+    assert len(FiloScorer(tiny_backbone, detector="none", profile="vlad").layers) > 1
+    assert FiloScorer(tiny_backbone, detector="none", layers=(2, 3)).layers == (2, 3)
+
+
 def test_unavailable_detector_falls_back_and_says_so(tiny_backbone, texture_set, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     filo = FiloScorer(tiny_backbone, detector="grounding-dino:/no/such/dir")

@@ -18,12 +18,14 @@ reference ``test.py`` and ``models/FiLo.py`` with file and line.
   ("center" when there is no box, all positions when the centre falls between cells); the map is multiplied by 0.7
   outside the boxes, everywhere when there is none. ``vlad``: the same area filter, the best box's 3x3 position word,
   all positions and no down-weighting when there is no box.
-- Dense features: the dual-path engine with V-V attention in the last 18 blocks, refined layers 12, 18, 24 of
-  ViT-L/14 through ``ln_post`` and ``proj`` (FiLo's trained heads, the MMCI convolutions and linear layers, cannot
-  be shipped). ``paper``: the [normal, abnormal] pair is divided by its Frobenius norm and the logits are ``100 cos``
-  with it (``100 cos / sqrt 2``), upsampled bilinearly (``align_corners=True``) before the softmax, each layer blurred
-  with ``GaussianBlur(3, sigma 4)`` (torch ``reflect`` borders), then averaged. ``vlad``: ``softmax(100 cos)`` on the
-  patch grid, averaged, upsampled (``align_corners=False``), one 3x3 Gaussian with scipy borders.
+- Dense features: the dual-path engine with V-V attention in the last 18 blocks, through ``ln_post`` and ``proj``
+  (FiLo's trained heads, the MMCI convolutions and linear layers, cannot be shipped; without them its original-path
+  token sets are left out). ``paper``: the last block's refined stream, which is what all of FiLo's V-V sets hold
+  (they are views of one tensor updated in place); ``vlad``: refined layers 12, 18 and 24, copied per layer.
+- Map. ``paper``: the [normal, abnormal] pair is divided by its Frobenius norm and the logits are ``100 cos`` with it
+  (``100 cos / sqrt 2``), upsampled bilinearly (``align_corners=True``) before the softmax, each set blurred with
+  ``GaussianBlur(3, sigma 4)`` (torch ``reflect`` borders), then averaged. ``vlad``: ``softmax(100 cos)`` on the
+  patch grid, averaged over layers, upsampled (``align_corners=False``), one 3x3 Gaussian with scipy borders.
 - Image score. ``paper`` (test.py:629): ``(cos(g, t_a) / sqrt 2 + max map) / 2`` with the map before the box
   weighting; FiLo's trained adapter on ``g`` is left out (the identity: its residual branch at zero). ``vlad``:
   ``(softmax(cos(g, t) / 0.07)[a] + max map) / 2`` with the weighted map.
@@ -139,6 +141,10 @@ class FiloScorer(CraneScorer):
         **kwargs: object,
     ) -> None:
         super().__init__(backbone, attention=attention, first_refined=first_refined, **kwargs)  # type: ignore[arg-type]
+        if self.profile == "paper" and not kwargs.get("layers"):
+            # FiLo's stored V-V tokens (and its layer-6 tokens) are views of one tensor updated in place, so every
+            # V-V set it reads is the last block's refined stream (METHODS.md 3.6, "Aliasing")
+            self.layers = (self.backbone.num_layers,)
         self.bank = load_prompt_file("filo")
         self.box_threshold = box_threshold
         self.detector_spec = detector
