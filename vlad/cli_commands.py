@@ -414,6 +414,7 @@ def _eval_maps_dir(args: argparse.Namespace) -> Path | None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from vlad.data import load_dataset, prompt_name, reference_images
+    from vlad.data.defects import prompt_overlap_warnings
     from vlad.metrics import macro_mean
 
     maps_dir = _eval_maps_dir(args)
@@ -463,7 +464,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "images": images,
         "lvlm_verdicts": None if tracker is None else {"lvlm": args.lvlm, **tracker.summary()},
         "seconds": round(time.perf_counter() - started, 2),
-        "warnings": list(scorer.warnings()),
+        "warnings": list(scorer.warnings()) + prompt_overlap_warnings(scorer, samples),
     }  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

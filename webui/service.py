@@ -256,9 +256,10 @@ def guess_product(backbone: Any, image: Image.Image) -> str:
     """Name the product when the user did not: CLIP zero-shot over the known product names ("object" if unsure)."""
     import torch
 
+    from vlad.finegrained import object_names
     from vlad.resources import load_prompt_file
 
-    names = sorted(load_prompt_file("filo")["classes"])
+    names = object_names(load_prompt_file("filo"))
     text = backbone.encode_text([f"a photo of a {n}." for n in names])
     x = backbone.preprocess([image])
     emb = torch.nn.functional.normalize(backbone.forward_visual(x).global_embedding.float(), dim=-1)

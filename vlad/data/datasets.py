@@ -72,7 +72,8 @@ class Sample:
         path: Image file.
         category: Object/texture category (e.g. ``"bottle"``).
         label: 0 for normal, 1 for anomalous.
-        defect: Defect type; ``"good"`` for normal images (VisA has no defect types: ``"anomaly"``).
+        defect: Defect type; ``"good"`` for normal images (VisA: the ``image_anno.csv`` label(s), comma-separated, or
+            ``"anomaly"`` without that file).
         mask_path: Ground-truth mask file, or None (normal images, or an anomalous image whose mask is missing).
         split: ``"train"`` or ``"test"``.
     """
@@ -185,8 +186,9 @@ def load_visa(
     """Index a VisA dataset through its split CSV.
 
     The CSV has columns ``object,split,label,image,mask``; ``label`` is ``normal`` or ``anomaly``; ``image`` and
-    ``mask`` are relative to ``root`` and ``mask`` is empty for normal images. Anomalous samples get
-    ``defect="anomaly"`` (VisA has no defect types).
+    ``mask`` are relative to ``root`` and ``mask`` is empty for normal images. Anomalous samples get their defect
+    label from the category's ``image_anno.csv`` (VisA's per-image labels, several ones comma-separated, e.g.
+    ``"chunk of wax missing,different colour spot"``) when the folder has one, else ``defect="anomaly"``.
 
     Args:
         root: VisA root (holding ``split_csv/`` and one folder per category).
@@ -450,6 +452,7 @@ def _read_visa_csv(root: Path, split_csv: str | Path) -> list[dict[str, str]]:
 def _visa_samples(root: Path, rows: list[dict[str, str]], category: str, split: str) -> list[Sample]:
     """Samples of one VisA category and split from the CSV rows (possibly empty)."""
     samples = []
+    defects = _visa_defect_labels(root, category)
     for row in rows:
         if row["object"] != category or row["split"] != split:
             continue
@@ -457,10 +460,32 @@ def _visa_samples(root: Path, rows: list[dict[str, str]], category: str, split: 
         mask = root / row["mask"] if label == 1 and row["mask"] else None
         if mask is not None and not mask.is_file():
             mask = None
-        defect = _GOOD if label == 0 else "anomaly"
+        defect = _GOOD if label == 0 else defects.get(_visa_key(row["image"], category), "anomaly")
         samples.append(Sample(root / row["image"], category, label, defect, mask, split))
     _warn_missing_masks(samples, root / category)
     return samples
+
+
+def _visa_key(image: str, category: str) -> str:
+    """An image path as written in a VisA CSV, without a leading ``<category>/`` (for matching the two CSVs)."""
+    path = image.strip().replace("\\", "/").lstrip("./")
+    return path[len(category) + 1 :] if path.startswith(category + "/") else path
+
+
+def _visa_defect_labels(root: Path, category: str) -> dict[str, str]:
+    """Image key -> defect label(s) from ``<root>/<category>/image_anno.csv`` (columns ``image,label,mask``); empty
+    when the file is missing or unreadable (then the defect stays ``anomaly``)."""
+    path = root / category / "image_anno.csv"
+    if not path.is_file():
+        return {}
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(fh)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        logger.warning("cannot read VisA defect labels from %s (%s); defects stay 'anomaly'", path, exc)
+        return {}
+    return {_visa_key(r["image"], category): r["label"] for r in rows
+            if r.get("image") and r.get("label") and r["label"].lower() != "normal"}  # fmt: skip
 
 
 def _visa_label(row: dict[str, str], root: Path) -> int:

@@ -337,11 +337,13 @@ def load_phrase_bank() -> dict[str, Any] | None:
 
 
 def phrases_for(bank: dict[str, Any], object_name: str) -> list[str]:
-    """The class's phrases (looked up as given, lower-cased, with spaces as underscores) plus the generic ones,
-    without phrases naming things a camera cannot see (the bank's ``non_visual_words``)."""
-    classes = bank.get("classes") or {}
-    key = object_name.strip().lower()
-    own = classes.get(object_name) or classes.get(key) or classes.get(key.replace(" ", "_")) or []
+    """The phrases of the object's kind (see :func:`vlad.finegrained.resolve_kind`: ``metal_nut``, ``pcb3`` and other
+    dataset spellings are normalised) plus the generic ones, without phrases naming things a camera cannot see (the
+    bank's ``non_visual_words``)."""
+    from vlad.finegrained import GENERIC, kind_phrases
+
+    own, source = kind_phrases(bank, object_name)
+    own = [] if source == GENERIC else own
     banned = [w.lower() for w in bank.get("non_visual_words") or []]
     out: list[str] = []
     for phrase in [*own, *(bank.get("generic") or [])]:

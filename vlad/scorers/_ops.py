@@ -8,21 +8,30 @@ import torch
 import torch.nn.functional as F
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0, radius: int | None = None) -> torch.Tensor:
+def gaussian_blur(
+    maps: torch.Tensor, sigma: float, truncate: float = 4.0, radius: int | None = None, border: str = "symmetric"
+) -> torch.Tensor:
     """(B, H, W) -> (B, H, W) separable Gaussian blur with reflected borders, as scipy's ``gaussian_filter``
-    (``truncate=4``: radius ``int(4 * sigma + 0.5)``), or with a given ``radius`` (kernel ``2 radius + 1``)."""
+    (``truncate=4``: radius ``int(4 * sigma + 0.5)``), or with a given ``radius`` (kernel ``2 radius + 1``).
+
+    ``border="symmetric"`` mirrors with the edge repeated (scipy's ``reflect``: d c b a | a b c d); ``"reflect"``
+    mirrors without repeating it (torch's and torchvision's ``reflect``: d c b | a b c d, as
+    ``torchvision.transforms.GaussianBlur``)."""
+    if border not in ("symmetric", "reflect"):
+        raise ValueError(f"border must be 'symmetric' or 'reflect', got {border!r}")
     if sigma <= 0:
         return maps
     radius = int(truncate * sigma + 0.5) if radius is None else radius
-    radius = min(radius, maps.shape[-1], maps.shape[-2])
+    radius = min(radius, maps.shape[-1] - (border == "reflect"), maps.shape[-2] - (border == "reflect"))
     if radius < 1:
         return maps
     t = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    x = _symmetric_pad(maps[:, None], radius, dim=-1)
+    pad = _symmetric_pad if border == "symmetric" else _reflect_pad
+    x = pad(maps[:, None], radius, dim=-1)
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = F.conv2d(_symmetric_pad(x, radius, dim=-2), kernel.view(1, 1, -1, 1))
+    x = F.conv2d(pad(x, radius, dim=-2), kernel.view(1, 1, -1, 1))
     return x[:, 0]
 
 
@@ -31,6 +40,14 @@ def _symmetric_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     n = x.shape[dim]
     head = x.narrow(dim, 0, r).flip(dim)
     tail = x.narrow(dim, n - r, r).flip(dim)
+    return torch.cat([head, x, tail], dim=dim)
+
+
+def _reflect_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Pad by mirroring without the edge (torch's 'reflect' mode: d c b | a b c d | c b a)."""
+    n = x.shape[dim]
+    head = x.narrow(dim, 1, r).flip(dim)
+    tail = x.narrow(dim, n - 1 - r, r).flip(dim)
     return torch.cat([head, x, tail], dim=dim)
 
 

@@ -44,6 +44,12 @@ class PromptEnsemble:
         anomalous = compose_prompts(object_name, [*self._bank["anomalous_states"], *self.extra_anomalous], templates)
         return normal, anomalous
 
+    def states(self, object_name: str) -> tuple[list[str], list[str]]:
+        """(normal states, anomalous states) with the object name filled in, without the photo templates."""
+        normal = [s.format(object_name) for s in [*self._bank["normal_states"], *self.extra_normal]]
+        anomalous = [s.format(object_name) for s in [*self._bank["anomalous_states"], *self.extra_anomalous]]
+        return normal, anomalous
+
     def prototypes(self, backbone: ClipBackbone, object_name: str) -> torch.Tensor:
         """(2, D) normalised [normal, anomalous] prototypes (mean of normalised embeddings, renormalised)."""
         normal, anomalous = self.prompts(object_name)

@@ -303,6 +303,16 @@ class Scorer:
             out.append(self._calibration_warning)
         return tuple(out)
 
+    def prompt_phrases(self, object_name: str) -> list[str]:
+        """The phrases this scorer writes into its text prompts for ``object_name`` (states and defect descriptions,
+        without photo templates); empty for scorers without text prompts. ``vlad eval`` compares them with the
+        dataset's defect names (:func:`vlad.data.defects.prompt_overlap_warnings`)."""
+        ensemble = getattr(self, "ensemble", None)
+        if ensemble is None or not hasattr(ensemble, "states"):
+            return []
+        normal, anomalous = ensemble.states(object_name)
+        return [*normal, *anomalous]
+
     def describe(self) -> dict[str, Any]:
         """Settings that determine results (for reports)."""
         return {
