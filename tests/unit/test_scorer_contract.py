@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 import pytest
 
 from vlad.scorers import list_scorers, scorer_class
@@ -37,10 +38,12 @@ def test_result_contract(name, tiny_backbone, texture_set):
         assert 0.0 <= r.normalized_score <= 1.0
         np.testing.assert_array_equal(r.pred_mask, r.anomaly_map >= r.pixel_threshold)
         assert sum(reg.area for reg in r.regions) == int(r.pred_mask.sum())
-        for reg in r.regions:
+        labels, n = ndimage.label(r.pred_mask, structure=np.ones((3, 3)))
+        components = {(int((labels == i).sum()), round(float(r.anomaly_map[labels == i].max()), 6)) for i in range(1, n + 1)}
+        for reg in r.regions:  # each region is one 8-connected component: its area and its own peak
             x0, y0, x1, y1 = reg.bbox
             assert r.pred_mask[y0:y1, x0:x1].sum() >= reg.area
-            assert reg.peak_score == pytest.approx(float(r.anomaly_map[y0:y1, x0:x1][r.pred_mask[y0:y1, x0:x1]].max()))
+            assert (reg.area, round(reg.peak_score, 6)) in components
         assert any("random weights" in w for w in r.warnings)
 
 

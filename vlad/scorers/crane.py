@@ -126,12 +126,12 @@ class CraneScorer(Scorer):
 
     def warnings(self) -> tuple[str, ...]:
         out = super().warnings()
-        if self.paper and self._text_override is None:
+        if self.paper and self._text_override is None and self.checkpoint_format:
             out += (f"{self.name} runs the paper profile with training-free prompts: the published numbers need the "
                     f"released learned prompts (vlad import-checkpoint --format {self.checkpoint_format})",)  # fmt: skip
         return out
 
-    checkpoint_format = "crane"
+    checkpoint_format: str | None = "crane"  # which official release carries this scorer's learned prompts
 
     # ------------------------------------------------------------------ text
     def set_text_features(self, text: torch.Tensor | None) -> None:

@@ -127,6 +127,7 @@ class FiloScorer(CraneScorer):
     """
 
     name = "filo"
+    checkpoint_format = None  # FiLo's released prompt learner needs its trained heads: not importable
     temperature = 0.01
     refined_blocks = 18  # V-V in the last 18 blocks (layers 7..24 of ViT-L/14)
 
