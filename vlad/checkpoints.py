@@ -4,7 +4,8 @@ Both releases are plain ``torch.save`` files holding ``{"prompt_learner": state_
 ``test.py: process_dataset``, AnomalyCLIP ``test.py``) with the object-agnostic prompt learner of
 ``models/prompt_ensemble.py`` / ``prompt_ensemble.py``:
 
-- ``ctx_pos``, ``ctx_neg``: (1, 1, n_ctx, width) learned context of ``"X ... X object."`` / ``"X ... X damaged object."``;
+- ``ctx_pos``, ``ctx_neg``: (1, 1, n_ctx, width) learned context of ``"X ... X object."`` and
+  ``"X ... X damaged object."``;
 - ``compound_prompts_text.{0..depth-2}``: (t_n_ctx, width) deep text prompts for text blocks 1..depth-1 (0-based);
 - ``token_prefix_*`` / ``token_suffix_*``: the frozen token embeddings of the two prompts around the context, and
   ``tokenized_prompts_*``: their token ids (1, 1, 77);
@@ -112,7 +113,9 @@ def _split_state(state: dict[str, Any], path: Path, fmt: str, spec: dict[str, An
     missing = [k for k in REQUIRED_KEYS if k not in state]
     deep_idx = sorted(int(m.group(1)) for k in state if (m := DEEP_KEY.match(k)))
     ignored = sorted(k for k in state if any(k.startswith(p) for p in spec["ignored"]))
-    unexpected = sorted(set(state) - set(REQUIRED_KEYS) - set(ignored) - {f"compound_prompts_text.{i}" for i in deep_idx})
+    unexpected = sorted(
+        set(state) - set(REQUIRED_KEYS) - set(ignored) - {f"compound_prompts_text.{i}" for i in deep_idx}
+    )
     if missing:
         raise ConfigError(f"{path}: missing key(s) {missing} for a {fmt} checkpoint")
     if unexpected:
@@ -154,7 +157,9 @@ def _check_fit(clip: Any, ctx: Any, deep: list[Any], state: dict[str, Any], path
                           f"{clip.spec}; import it with the backbone it was trained on")  # fmt: skip
     blocks = len(clip.model.transformer.resblocks)
     if len(deep) > blocks - 1:
-        raise ConfigError(f"{path}: {len(deep)} deep prompts need {len(deep) + 1} text blocks; {clip.spec} has {blocks}")
+        raise ConfigError(
+            f"{path}: {len(deep)} deep prompts need {len(deep) + 1} text blocks; {clip.spec} has {blocks}"
+        )
     n_ctx = ctx.shape[1]
     for kind, suffix in (("pos", "object."), ("neg", "damaged object.")):
         tokens = clip.tokenizer([prompt_template(n_ctx, suffix)]).to("cpu")
@@ -168,12 +173,13 @@ def _check_fit(clip: Any, ctx: Any, deep: list[Any], state: dict[str, Any], path
         prefix = state[f"token_prefix_{kind}"].float().reshape(-1, width)
         suffix_t = state[f"token_suffix_{kind}"].float().reshape(-1, width)
         if prefix.shape[0] != 1 or suffix_t.shape[0] != emb.shape[0] - 1 - n_ctx:
-            raise ConfigError(f"{path}: token_prefix_{kind} / token_suffix_{kind} shapes {tuple(prefix.shape)} / "
-                              f"{tuple(suffix_t.shape)} do not fit n_ctx {n_ctx} and context length {emb.shape[0]}")  # fmt: skip
+            shapes = f"{tuple(prefix.shape)} / {tuple(suffix_t.shape)}"
+            raise ConfigError(f"{path}: token_prefix_{kind} / token_suffix_{kind} shapes {shapes} do not fit n_ctx "
+                              f"{n_ctx} and context length {emb.shape[0]}")  # fmt: skip
         diff = max(float((prefix - emb[:1]).abs().max()), float((suffix_t - emb[1 + n_ctx :]).abs().max()))
         if diff > EMBEDDING_TOLERANCE and not force:
             raise ConfigError(f"{path}: its stored token embeddings differ from {clip.spec}'s own (max |diff| "
-                              f"{diff:.3g}): it was trained on another CLIP; use that backbone, or pass --force")  # fmt: skip
+                              f"{diff:.3g}): it was trained on another CLIP; use that backbone, or pass --force")
 
 
 def _write_adapter(
@@ -195,16 +201,25 @@ def _write_adapter(
         first_refined=max(1, n_layers - REFINED_BLOCKS + 1),
         image_size=dense_image_size(clip),
         prompts={"normal": prompt_template(n_ctx, "object."), "anomalous": prompt_template(n_ctx, "damaged object.")},
-        training_data={"source": f"official {fmt} release", "note": "trained by the method's authors (on another "
-                       "dataset's test split, see METHODS); vlad did not train it"},  # fmt: skip
+        training_data={
+            "source": f"official {fmt} release",
+            "note": "trained by the method's authors (on another "
+            "dataset's test split, see METHODS); vlad did not train it",
+        },  # fmt: skip
         epochs=int(epoch.group(1)) if epoch else 0,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         n_ctx=n_ctx,
         vlad_version=vlad.__version__,
         deep_prompts={"depth": len(deep) + 1, "n_ctx": int(deep[0].shape[0]) if deep else 0, "round_fp16": True}
-        if deep else None,
-        provenance={"format": fmt, "scorer": spec["scorer"], "source_file": path.name, "sha256": _sha256(path),
-                    "ignored_keys": ignored},  # fmt: skip
+        if deep
+        else None,
+        provenance={
+            "format": fmt,
+            "scorer": spec["scorer"],
+            "source_file": path.name,
+            "sha256": _sha256(path),
+            "ignored_keys": ignored,
+        },  # fmt: skip
         profile="paper",
     )
     tensors = {"ctx_pos": ctx[0].contiguous(), "ctx_neg": ctx[1].contiguous()}

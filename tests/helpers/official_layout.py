@@ -64,10 +64,14 @@ def save_official(state: dict[str, torch.Tensor], path: Path) -> Path:
 def reference_text_features(model, state: dict[str, torch.Tensor]) -> torch.Tensor:
     """(2, D) normalised [normal, anomalous] features: stored prefix/suffix around the context, deep prompts cast to
     fp16 and spliced at positions 1..t before text blocks 1.., then ln_final, the EOT token, the projection."""
-    deep = [state[f"compound_prompts_text.{i}"] for i in range(sum(k.startswith("compound_prompts_text.") for k in state))]
+    deep = [
+        state[f"compound_prompts_text.{i}"] for i in range(sum(k.startswith("compound_prompts_text.") for k in state))
+    ]
     feats = []
     for kind in ("pos", "neg"):
-        x = torch.cat([state[f"token_prefix_{kind}"][0, 0], state[f"ctx_{kind}"][0, 0], state[f"token_suffix_{kind}"][0, 0]])
+        x = torch.cat(
+            [state[f"token_prefix_{kind}"][0, 0], state[f"ctx_{kind}"][0, 0], state[f"token_suffix_{kind}"][0, 0]]
+        )
         x = (x + model.positional_embedding)[:, None]  # (L, 1, width), sequence first
         for i, block in enumerate(model.transformer.resblocks):
             if 1 <= i <= len(deep):

@@ -47,8 +47,8 @@ def test_import_writes_an_adapter_that_splices_the_deep_prompts(deep, tmp_path, 
     meta = json.loads((out / "adapter.json").read_text())
     assert meta["deep_prompts"] == {"depth": 4, "n_ctx": 4, "round_fp16": True}
     assert meta["provenance"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    assert meta["provenance"]["format"] == fmt and meta["epochs"] == 5 and meta["profile"] == "paper"
-    assert meta["layers"] == [4] and meta["attention"] == ("vv" if fmt == "anomalyclip" else "qq+kk+vv")
+    assert (meta["provenance"]["format"], meta["epochs"], meta["profile"]) == (fmt, 5, "paper")
+    assert (meta["layers"], meta["attention"]) == ([4], "vv" if fmt == "anomalyclip" else "qq+kk+vv")
     ignored = meta["provenance"]["ignored_keys"]
     assert (len(ignored) == 6) == (fmt == "anomalyclip")  # the unused compound_prompt_projections
     adapter = load_adapter(out)
@@ -84,7 +84,7 @@ def test_paper_profile_equals_the_reference_computation(deep, tmp_path, images, 
     state = official_state(backbone, depth=4, projections=fmt == "anomalyclip", seed=3)
     out = import_checkpoint(save_official(state, tmp_path / "epoch_1.pth"), fmt, spec, tmp_path / "ad")
     scorer = apply_adapter(get_scorer(fmt, backbone=backbone, batch_size=3), out)
-    assert scorer.profile == "paper" and scorer.image_size == 96
+    assert (scorer.profile, scorer.image_size) == ("paper", 96)
     results = scorer.score_many(images, "object")
     x = backbone.preprocess([__import__("PIL.Image", fromlist=["Image"]).fromarray(i) for i in images], 96)
     taps = [1, 2, 3, 4] if fmt == "crane" else [4]  # Crane's --features_list 6 12 18 24 (aliased), AnomalyCLIP's 24
@@ -107,13 +107,15 @@ def test_bad_checkpoints_get_one_line_errors(deep, tmp_path):
     garbage.write_text("not a checkpoint")
     cases = [
         (garbage, "crane", "is not a PyTorch tensor checkpoint"),
-        (_write(tmp_path, {k: v for k, v in good.items() if k != "ctx_neg"}, "m.pth"), "crane", r"missing key\(s\) \['ctx_neg'\]"),
+        (_write(tmp_path, {k: v for k, v in good.items() if k != "ctx_neg"}, "m.pth"), "crane",
+         r"missing key\(s\) \['ctx_neg'\]"),
         (_write(tmp_path, official_state(backbone, projections=True), "a.pth"), "crane", "use --format anomalyclip"),
         (_write(tmp_path, {k: torch.zeros(*v.shape[:-1], 48) if v.is_floating_point() else v for k, v in good.items()},
                 "w.pth"), "crane", "context width 48 does not fit the text width 32 of random:vlad-test-deep"),
         (_write(tmp_path, official_state(backbone, depth=9), "d.pth"), "crane", "8 deep prompts need 9 text blocks"),
         (tmp_path / "absent.pth", "crane", "not found"),
-        (_write(tmp_path, good, "f.pth"), "winclip", "unknown checkpoint format 'winclip'; allowed: crane, anomalyclip"),
+        (_write(tmp_path, good, "f.pth"), "winclip",
+         "unknown checkpoint format 'winclip'; allowed: crane, anomalyclip"),
     ]  # fmt: skip
     for path, fmt, message in cases:
         with pytest.raises(ConfigError, match=message) as info:

@@ -67,6 +67,8 @@ class AnomalyClipScorer(CraneScorer):
         probs = torch.softmax(logits, dim=-1)[..., 1]
         return probs.sum(0) if self.paper else probs.mean(0)
 
-    def _image_score(self, feats: Features, text: torch.Tensor, logits: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    def _image_score(
+        self, feats: Features, text: torch.Tensor, logits: torch.Tensor, maps: torch.Tensor
+    ) -> torch.Tensor:
         """(B,) ``softmax(cos(g, t) / 0.07)[a]`` of the global embedding."""
         return torch.softmax(torch.einsum("bd,bkd->bk", feats["global"], text) / TEMPERATURE, dim=-1)[:, 1]
