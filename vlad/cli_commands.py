@@ -132,7 +132,7 @@ class RulesInForce:
     def from_args(cls, args: argparse.Namespace, scorer: Any) -> RulesInForce | None:
         if not getattr(args, "rules", None):
             return None
-        from vlad.rules.cli import load_rules_arg
+        from vlad.rules import load_rules_arg
 
         ruleset = load_rules_arg(args.rules)
         detector = None

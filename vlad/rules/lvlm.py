@@ -3,7 +3,7 @@
 The backend comes from :mod:`vlad.explain` (``load_backend(spec)``, whose model backends offer
 ``complete(messages, max_tokens=, json_schema=)``); when that package cannot be imported, a small client on the
 ``openai`` SDK serves ``openai:URL[#model]`` specs. The reply is validated with the schema; any failure raises
-:class:`RulesLVLMError` with one line saying why, and :func:`vlad.rules.parse.parse_rules` falls back to the
+:class:`RulesLVLMError` with one line saying why, and :func:`vlad.rules.load.parse_rules` falls back to the
 deterministic parser and says so. openai is imported only here, inside functions.
 """
 
