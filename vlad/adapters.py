@@ -195,6 +195,11 @@ class Adapter:
     def name(self) -> str:
         return Path(self.source).name if self.source != "<memory>" else f"<{self.metadata.method} adapter>"
 
+    def deep_prompts(self) -> list[torch.Tensor]:
+        """The deep text prompts in block order (empty for adapters without them)."""
+        depth = int(self.metadata.deep_prompts["depth"]) if self.metadata.deep_prompts else 1
+        return [self.tensors[f"{DEEP_PREFIX}{i}"] for i in range(depth - 1)]
+
 
 # ---------------------------------------------------------------------- files
 def available_adapters() -> list[str]:
@@ -288,7 +293,8 @@ def save_adapter(adapter: Adapter, folder: str | Path, *, overwrite: bool = Fals
 def _check_tensors(meta: AdapterMetadata, tensors: dict[str, Any], source: str) -> None:
     if meta.method == "crane-prompts":
         deep = sorted(k for k in tensors if k.startswith(DEEP_PREFIX))
-        expected_deep = [f"{DEEP_PREFIX}{i}" for i in range(int(meta.deep_prompts["depth"]) - 1)] if meta.deep_prompts else []
+        depth = int(meta.deep_prompts["depth"]) if meta.deep_prompts else 1
+        expected_deep = [f"{DEEP_PREFIX}{i}" for i in range(depth - 1)]
         if set(tensors) - set(deep) != set(PROMPT_KEYS) or sorted(deep) != sorted(expected_deep):
             raise ConfigError(f"adapter {source}: prompt weights must be {list(PROMPT_KEYS) + expected_deep}, got "
                               f"{sorted(tensors)}")  # fmt: skip
@@ -307,8 +313,7 @@ def _check_tensors(meta: AdapterMetadata, tensors: dict[str, Any], source: str) 
 
 def deep_prompt_tensors(adapter: Adapter) -> list[torch.Tensor]:
     """The adapter's deep text prompts in block order (empty for adapters without them)."""
-    depth = int(adapter.metadata.deep_prompts["depth"]) if adapter.metadata.deep_prompts else 1
-    return [adapter.tensors[f"{DEEP_PREFIX}{i}"] for i in range(depth - 1)]
+    return adapter.deep_prompts()
 
 
 # ---------------------------------------------------------------------- applying
@@ -363,8 +368,8 @@ def maybe_apply_adapter(scorer: Scorer, name_or_path: str | Path | None) -> Scor
 def _apply_prompts(scorer: Scorer, adapter: Adapter) -> None:
     import torch
 
+    from vlad.prompt_learner import PromptLearner
     from vlad.scorers.crane import CraneScorer
-    from vlad.training import PromptLearner
 
     if not isinstance(scorer, CraneScorer):
         raise ConfigError(f"crane-prompts adapter {adapter.name} needs a Crane-family scorer (crane, filo, "

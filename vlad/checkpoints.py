@@ -4,7 +4,8 @@ Both releases are plain ``torch.save`` files holding ``{"prompt_learner": state_
 ``test.py: process_dataset``, AnomalyCLIP ``test.py``) with the object-agnostic prompt learner of
 ``models/prompt_ensemble.py`` / ``prompt_ensemble.py``:
 
-- ``ctx_pos``, ``ctx_neg``: (1, 1, n_ctx, width) learned context of ``"X ... X object."`` / ``"X ... X damaged object."``;
+- ``ctx_pos``, ``ctx_neg``: (1, 1, n_ctx, width) learned context of ``"X ... X object."`` /
+  ``"X ... X damaged object."``;
 - ``compound_prompts_text.{0..depth-2}``: (t_n_ctx, width) deep text prompts for text blocks 1..depth-1 (0-based);
 - ``token_prefix_*`` / ``token_suffix_*``: the frozen token embeddings of the two prompts around the context, and
   ``tokenized_prompts_*``: their token ids (1, 1, 77);
@@ -112,7 +113,8 @@ def _split_state(state: dict[str, Any], path: Path, fmt: str, spec: dict[str, An
     missing = [k for k in REQUIRED_KEYS if k not in state]
     deep_idx = sorted(int(m.group(1)) for k in state if (m := DEEP_KEY.match(k)))
     ignored = sorted(k for k in state if any(k.startswith(p) for p in spec["ignored"]))
-    unexpected = sorted(set(state) - set(REQUIRED_KEYS) - set(ignored) - {f"compound_prompts_text.{i}" for i in deep_idx})
+    deep_keys = {f"compound_prompts_text.{i}" for i in deep_idx}
+    unexpected = sorted(set(state) - set(REQUIRED_KEYS) - set(ignored) - deep_keys)
     if missing:
         raise ConfigError(f"{path}: missing key(s) {missing} for a {fmt} checkpoint")
     if unexpected:
@@ -146,15 +148,16 @@ def _check_fit(clip: Any, ctx: Any, deep: list[Any], state: dict[str, Any], path
     """Widths, depth, token ids and token embeddings against the backbone."""
     import torch
 
-    from vlad.training import _check_text_tower, prompt_template
+    from vlad.prompt_learner import check_text_tower, prompt_template
 
-    width = _check_text_tower(clip.model, clip.spec)
+    width = check_text_tower(clip.model, clip.spec)
     if ctx.shape[-1] != width:
         raise ConfigError(f"{path}: context width {ctx.shape[-1]} does not fit the text width {width} of "
                           f"{clip.spec}; import it with the backbone it was trained on")  # fmt: skip
     blocks = len(clip.model.transformer.resblocks)
     if len(deep) > blocks - 1:
-        raise ConfigError(f"{path}: {len(deep)} deep prompts need {len(deep) + 1} text blocks; {clip.spec} has {blocks}")
+        raise ConfigError(f"{path}: {len(deep)} deep prompts need {len(deep) + 1} text blocks; "
+                          f"{clip.spec} has {blocks}")  # fmt: skip
     n_ctx = ctx.shape[1]
     for kind, suffix in (("pos", "object."), ("neg", "damaged object.")):
         tokens = clip.tokenizer([prompt_template(n_ctx, suffix)]).to("cpu")
@@ -169,21 +172,23 @@ def _check_fit(clip: Any, ctx: Any, deep: list[Any], state: dict[str, Any], path
         suffix_t = state[f"token_suffix_{kind}"].float().reshape(-1, width)
         if prefix.shape[0] != 1 or suffix_t.shape[0] != emb.shape[0] - 1 - n_ctx:
             raise ConfigError(f"{path}: token_prefix_{kind} / token_suffix_{kind} shapes {tuple(prefix.shape)} / "
-                              f"{tuple(suffix_t.shape)} do not fit n_ctx {n_ctx} and context length {emb.shape[0]}")  # fmt: skip
+                              f"{tuple(suffix_t.shape)} do not fit n_ctx {n_ctx} and context length "
+                              f"{emb.shape[0]}")  # fmt: skip
         diff = max(float((prefix - emb[:1]).abs().max()), float((suffix_t - emb[1 + n_ctx :]).abs().max()))
         if diff > EMBEDDING_TOLERANCE and not force:
             raise ConfigError(f"{path}: its stored token embeddings differ from {clip.spec}'s own (max |diff| "
-                              f"{diff:.3g}): it was trained on another CLIP; use that backbone, or pass --force")  # fmt: skip
+                              f"{diff:.3g}): it was trained on another CLIP; use that backbone, "
+                              f"or pass --force")  # fmt: skip
 
 
 def _write_adapter(
     clip: Any, ctx: Any, deep: list[Any], path: Path, fmt: str, spec: dict[str, Any], ignored: list[str],
     out: str | Path, overwrite: bool,
 ) -> Path:  # fmt: skip
-    import vlad
+    from vlad._version import __version__
     from vlad.adapters import DEEP_PREFIX, Adapter, AdapterMetadata, save_adapter
+    from vlad.prompt_learner import prompt_template
     from vlad.scorers.crane import dense_image_size
-    from vlad.training import prompt_template
 
     n_layers, n_ctx = clip.num_layers, ctx.shape[1]
     epoch = re.search(r"epoch_(\d+)", path.name)
@@ -200,7 +205,7 @@ def _write_adapter(
         epochs=int(epoch.group(1)) if epoch else 0,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         n_ctx=n_ctx,
-        vlad_version=vlad.__version__,
+        vlad_version=__version__,
         deep_prompts={"depth": len(deep) + 1, "n_ctx": int(deep[0].shape[0]) if deep else 0, "round_fp16": True}
         if deep else None,
         provenance={"format": fmt, "scorer": spec["scorer"], "source_file": path.name, "sha256": _sha256(path),
