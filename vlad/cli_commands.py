@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 import vlad
-from vlad.cli import EXIT_OK, EXIT_PARTIAL, UsageError, emit_json
+from vlad.cli_common import EXIT_OK, EXIT_PARTIAL, UsageError, build_scorer, emit_json
 from vlad.errors import ImageLoadError
 
 # ---------------------------------------------------------------------- shared
@@ -61,40 +61,6 @@ def _save_map(path: Path, anomaly_map: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, np.ascontiguousarray(anomaly_map, dtype=np.float32))
     return path
-
-
-_SCORER_ONLY_OPTIONS = {"detector": ("filo",), "dattn": ("crane", "filo")}
-
-
-def build_scorer(args: argparse.Namespace) -> Any:
-    """The scorer the command line asks for; scorer-specific options are checked against the scorer."""
-    from vlad.scorers import get_scorer
-
-    extra: dict[str, Any] = {}
-    for option, scorers in _SCORER_ONLY_OPTIONS.items():
-        value = getattr(args, option, None)
-        if value is None or (option == "detector" and getattr(args, "rules", None) and args.scorer not in scorers):
-            continue  # --detector also serves the rules (required objects, "% of the part")
-        if args.scorer not in scorers:
-            raise UsageError(f"--{option} applies to the {' and '.join(scorers)} scorer(s), not {args.scorer!r}")
-        extra[option] = value
-    if getattr(args, "concepts", None):
-        extra["concepts"] = args.concepts
-    from vlad.train_cli import apply_adapter_option
-
-    scorer = get_scorer(
-        args.scorer,
-        backbone=args.backbone,
-        device=args.device,
-        precision=args.precision,
-        image_size=args.image_size,
-        threshold=args.threshold,
-        sensitivity=args.sensitivity,
-        batch_size=args.batch_size,
-        profile=getattr(args, "profile", None),
-        **extra,
-    )
-    return apply_adapter_option(scorer, args)
 
 
 def _expand_or_fail(inputs: Sequence[str], option: str) -> tuple[list[Path], list[tuple[Path, str]]]:
