@@ -35,6 +35,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlad._optional import require
 from vlad.errors import BackboneError, ConfigError
 
 if TYPE_CHECKING:
@@ -458,9 +459,5 @@ def _copy_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def require_peft() -> Any:
-    """The peft module, or a ConfigError with the install command."""
-    try:
-        import peft
-    except ImportError as exc:
-        raise ConfigError("LoRA adapters need the peft package: pip install 'peft>=0.13'") from exc
-    return peft
+    """The peft module, or a :class:`~vlad.errors.MissingDependencyError` with the install command."""
+    return require("peft", "train", what="a LoRA adapter")

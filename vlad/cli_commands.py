@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 import vlad
+from vlad._optional import require
 from vlad.cli_common import EXIT_OK, EXIT_PARTIAL, UsageError, build_scorer, emit_json
 from vlad.errors import ImageLoadError
 
@@ -74,11 +75,10 @@ def _expand_or_fail(inputs: Sequence[str], option: str) -> tuple[list[Path], lis
 
 
 def run_scorers(args: argparse.Namespace) -> int:
-    from vlad.scorers import list_scorers, scorer_class
+    from vlad.scorers import list_scorers, scorer_summary
 
     for name in list_scorers():
-        doc = (scorer_class(name).__doc__ or "").strip().splitlines()[0]
-        print(f"{name:10s} {doc}")
+        print(f"{name:10s} {scorer_summary(name)}")
     return EXIT_OK
 
 
@@ -469,10 +469,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if not sep or not user or not password:
             raise UsageError("--auth must look like user:password")
         auth = (user, password)
-    try:
-        from webui.app import build_app, launch
-    except ImportError as exc:
-        raise UsageError(f"the web UI needs gradio: pip install 'vlad[ui]' ({exc})") from exc
+    require("gradio", "ui", what="the web UI")
+    from webui.app import build_app, launch
+
     demo = build_app(scorer=args.scorer, backbone=args.backbone, lvlm=args.lvlm, device=args.device)
     print(f"vlad web UI on http://{args.host}:{args.port}", flush=True)
     launch(demo, host=args.host, port=args.port, auth=auth)

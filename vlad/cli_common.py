@@ -29,8 +29,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """The ``model`` option group of ``detect``, ``eval`` and ``chat``."""
     g = p.add_argument_group("model")
     g.add_argument("--scorer", default="winclip", help="scorer name (see `vlad scorers`); default winclip")
-    g.add_argument("--backbone", default=None, help="backbone spec, e.g. openclip:ViT-B-16-plus-240@laion400m_e31, "
-                   "openclip:local-dir:/path, random:tiny; default: the scorer's")
+    g.add_argument(
+        "--backbone",
+        default=None,
+        help="backbone spec, e.g. openclip:ViT-B-16-plus-240@laion400m_e31, "
+        "openclip:local-dir:/path, random:tiny; default: the scorer's",
+    )
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     g.add_argument("--image-size", type=positive_int, default=None, help="model input side in pixels")
@@ -38,13 +42,23 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=finite_float, default=None, help="image and pixel threshold, raw units")
     g.add_argument("--sensitivity", type=unit_float, default=0.5, help="0..1, higher flags more (default 0.5)")
     g.add_argument("--concepts", default=None, help='LAFT steering in words, e.g. "ignore colour" or "focus on cracks"')
-    g.add_argument("--detector", default=None, help="zero-shot detector for filo's boxes and for rules about objects: "
-                   "grounding-dino[:DIR], owlv2[:DIR], none")
-    g.add_argument("--profile", default=None, choices=["paper", "vlad"],
-                   help="paper: the official code's computation (default; an imported checkpoint implies it); "
-                   "vlad: vlad's measured deviations (see docs/methods.md)")
-    g.add_argument("--dattn", default=None, help="crane: DINOv2 spec for Crane+ D-Attn, e.g. "
-                   "timm:vit_base_patch14_reg4_dinov2.lvd142m")
+    g.add_argument(
+        "--detector",
+        default=None,
+        help="zero-shot detector for filo's boxes and for rules about objects: grounding-dino[:DIR], owlv2[:DIR], none",
+    )
+    g.add_argument(
+        "--profile",
+        default=None,
+        choices=["paper", "vlad"],
+        help="paper: the official code's computation (default; an imported checkpoint implies it); "
+        "vlad: vlad's measured deviations (see docs/methods.md)",
+    )
+    g.add_argument(
+        "--dattn",
+        default=None,
+        help="crane: DINOv2 spec for Crane+ D-Attn, e.g. timm:vit_base_patch14_reg4_dinov2.lvd142m",
+    )
 
 
 _SCORER_ONLY_OPTIONS = {"detector": ("filo",), "dattn": ("crane", "filo")}
