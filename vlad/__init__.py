@@ -10,11 +10,10 @@ Example:
 
 from __future__ import annotations
 
+from vlad._version import __version__
 from vlad.errors import VladError
 from vlad.result import AnomalyResult, Explanation, Region, RuleHit
 from vlad.scorers import get_scorer, list_scorers
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AnomalyResult",

@@ -35,6 +35,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlad._optional import require
 from vlad.errors import BackboneError, ConfigError
 
 if TYPE_CHECKING:
@@ -195,6 +196,11 @@ class Adapter:
     def name(self) -> str:
         return Path(self.source).name if self.source != "<memory>" else f"<{self.metadata.method} adapter>"
 
+    def deep_prompts(self) -> list[torch.Tensor]:
+        """The deep text prompts in block order (empty for adapters without them)."""
+        depth = int(self.metadata.deep_prompts["depth"]) if self.metadata.deep_prompts else 1
+        return [self.tensors[f"{DEEP_PREFIX}{i}"] for i in range(depth - 1)]
+
 
 # ---------------------------------------------------------------------- files
 def available_adapters() -> list[str]:
@@ -288,7 +294,8 @@ def save_adapter(adapter: Adapter, folder: str | Path, *, overwrite: bool = Fals
 def _check_tensors(meta: AdapterMetadata, tensors: dict[str, Any], source: str) -> None:
     if meta.method == "crane-prompts":
         deep = sorted(k for k in tensors if k.startswith(DEEP_PREFIX))
-        expected_deep = [f"{DEEP_PREFIX}{i}" for i in range(int(meta.deep_prompts["depth"]) - 1)] if meta.deep_prompts else []
+        depth = int(meta.deep_prompts["depth"]) if meta.deep_prompts else 1
+        expected_deep = [f"{DEEP_PREFIX}{i}" for i in range(depth - 1)]
         if set(tensors) - set(deep) != set(PROMPT_KEYS) or sorted(deep) != sorted(expected_deep):
             raise ConfigError(f"adapter {source}: prompt weights must be {list(PROMPT_KEYS) + expected_deep}, got "
                               f"{sorted(tensors)}")  # fmt: skip
@@ -307,8 +314,7 @@ def _check_tensors(meta: AdapterMetadata, tensors: dict[str, Any], source: str) 
 
 def deep_prompt_tensors(adapter: Adapter) -> list[torch.Tensor]:
     """The adapter's deep text prompts in block order (empty for adapters without them)."""
-    depth = int(adapter.metadata.deep_prompts["depth"]) if adapter.metadata.deep_prompts else 1
-    return [adapter.tensors[f"{DEEP_PREFIX}{i}"] for i in range(depth - 1)]
+    return adapter.deep_prompts()
 
 
 # ---------------------------------------------------------------------- applying
@@ -363,8 +369,8 @@ def maybe_apply_adapter(scorer: Scorer, name_or_path: str | Path | None) -> Scor
 def _apply_prompts(scorer: Scorer, adapter: Adapter) -> None:
     import torch
 
+    from vlad.prompt_learner import PromptLearner
     from vlad.scorers.crane import CraneScorer
-    from vlad.training import PromptLearner
 
     if not isinstance(scorer, CraneScorer):
         raise ConfigError(f"crane-prompts adapter {adapter.name} needs a Crane-family scorer (crane, filo, "
@@ -453,9 +459,5 @@ def _copy_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def require_peft() -> Any:
-    """The peft module, or a ConfigError with the install command."""
-    try:
-        import peft
-    except ImportError as exc:
-        raise ConfigError("LoRA adapters need the peft package: pip install 'peft>=0.13'") from exc
-    return peft
+    """The peft module, or a :class:`~vlad.errors.MissingDependencyError` with the install command."""
+    return require("peft", "train", what="a LoRA adapter")

@@ -73,8 +73,7 @@ class Detector:
         rules = rules if rules is not None else self.rules
         if rules is None:
             return self.scorer.score_many(images, name)
-        from vlad.rules import score_with_rules
-        from vlad.rules.cli import load_rules_arg
+        from vlad.rules import load_rules_arg, score_with_rules
 
         ruleset = load_rules_arg(rules)
         return score_with_rules(self.scorer, images, ruleset, object_name=name, detector=self.detector,

@@ -149,9 +149,9 @@ def _check_fit(clip: Any, ctx: Any, deep: list[Any], state: dict[str, Any], path
     """Widths, depth, token ids and token embeddings against the backbone."""
     import torch
 
-    from vlad.training import _check_text_tower, prompt_template
+    from vlad.prompt_learner import check_text_tower, prompt_template
 
-    width = _check_text_tower(clip.model, clip.spec)
+    width = check_text_tower(clip.model, clip.spec)
     if ctx.shape[-1] != width:
         raise ConfigError(f"{path}: context width {ctx.shape[-1]} does not fit the text width {width} of "
                           f"{clip.spec}; import it with the backbone it was trained on")  # fmt: skip
@@ -186,10 +186,10 @@ def _write_adapter(
     clip: Any, ctx: Any, deep: list[Any], path: Path, fmt: str, spec: dict[str, Any], ignored: list[str],
     out: str | Path, overwrite: bool,
 ) -> Path:  # fmt: skip
-    import vlad
+    from vlad._version import __version__
     from vlad.adapters import DEEP_PREFIX, Adapter, AdapterMetadata, save_adapter
+    from vlad.prompt_learner import prompt_template
     from vlad.scorers.crane import dense_image_size
-    from vlad.training import prompt_template
 
     n_layers, n_ctx = clip.num_layers, ctx.shape[1]
     epoch = re.search(r"epoch_(\d+)", path.name)
@@ -209,7 +209,7 @@ def _write_adapter(
         epochs=int(epoch.group(1)) if epoch else 0,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         n_ctx=n_ctx,
-        vlad_version=vlad.__version__,
+        vlad_version=__version__,
         deep_prompts={"depth": len(deep) + 1, "n_ctx": int(deep[0].shape[0]) if deep else 0, "round_fp16": True}
         if deep
         else None,

@@ -1,4 +1,4 @@
-"""The ``vlad`` command line: ``detect``, ``eval``, ``scorers``.
+"""The ``vlad`` command line: ``detect``, ``eval``, ``scorers`` (the parser; :mod:`vlad.cli_commands` runs them).
 
 Exit codes: 0 all good; 1 some images failed (the report still holds all the others); 2 usage error.
 """
@@ -6,59 +6,30 @@ Exit codes: 0 all good; 1 some images failed (the report still holds all the oth
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from vlad import train_cli
-from vlad._argtypes import finite_float, positive_int, unit_float
+from vlad import __version__, train_cli
+from vlad._argtypes import positive_int
+from vlad.cli_common import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError, add_model_options, emit_json
 from vlad.errors import VladError
 from vlad.explain import cli as explain_cli
 from vlad.rules import cli as rules_cli
 
 logger = logging.getLogger("vlad")
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 _EXTENSION_HANDLERS: dict = {}  # subcommands contributed by other modules (train-adapter, chat, rules, ...)
 
-
-class UsageError(VladError):
-    """A problem with the command line itself (exit code 2)."""
+# The exit codes, UsageError and emit_json live in vlad.cli_common; they stay importable from here.
+__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "UsageError", "build_parser", "emit_json", "main"]
 
 
 # ---------------------------------------------------------------------- parser
-
-
-
-
-
-
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--scorer", default="winclip", help="scorer name (see `vlad scorers`); default winclip")
-    g.add_argument("--backbone", default=None, help="backbone spec, e.g. openclip:ViT-B-16-plus-240@laion400m_e31, "
-                   "openclip:local-dir:/path, random:tiny; default: the scorer's")
-    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    g.add_argument("--image-size", type=positive_int, default=None, help="model input side in pixels")
-    g.add_argument("--batch-size", type=positive_int, default=8)
-    g.add_argument("--threshold", type=finite_float, default=None, help="image and pixel threshold, raw units")
-    g.add_argument("--sensitivity", type=unit_float, default=0.5, help="0..1, higher flags more (default 0.5)")
-    g.add_argument("--concepts", default=None, help='LAFT steering in words, e.g. "ignore colour" or "focus on cracks"')
-    g.add_argument("--detector", default=None, help="zero-shot detector for filo's boxes and for rules about objects: "
-                   "grounding-dino[:DIR], owlv2[:DIR], none")
-    g.add_argument("--profile", default=None, choices=["paper", "vlad"],
-                   help="paper: the official code's computation (default; an imported checkpoint implies it); "
-                   "vlad: vlad's measured deviations (see docs/methods.md)")
-    g.add_argument("--dattn", default=None, help="crane: DINOv2 spec for Crane+ D-Attn, e.g. "
-                   "timm:vit_base_patch14_reg4_dinov2.lvd142m")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlad", description="Zero-shot anomaly detection for product images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--version", action="version", version=f"vlad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("detect", help="score images: anomaly maps, scores, regions, overlays")
@@ -70,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
     d.add_argument("--save-maps", action="store_true", help="also write each raw anomaly map as float32 .npy at the "
                    "input image's resolution to <out>/maps/<stem>.npy (the report's `map` field)")
-    _add_model_options(d)
+    add_model_options(d)
     train_cli.add_adapter_option(d)
     rules_cli.add_rules_option(d)
     explain_cli.add_explain_options(d)
@@ -90,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-maps", action="store_true", help="also write each raw anomaly map as float32 .npy at the "
                    "input image's resolution, in <JSON name>_maps/<category>/<defect>/ next to --out or in --maps-dir")
     e.add_argument("--maps-dir", default=None, help="folder for the saved anomaly maps (implies --save-maps)")
-    _add_model_options(e)
+    add_model_options(e)
     train_cli.add_adapter_option(e)
     rules_cli.add_rules_option(e)
     explain_cli._add_lvlm_options(e.add_argument_group("language-model verdicts (optional)"))
@@ -132,10 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlad: interrupted", file=sys.stderr)
         return 130
-
-
-def emit_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 import vlad
-from vlad.cli import EXIT_OK, EXIT_PARTIAL, UsageError, emit_json
+from vlad._optional import require
+from vlad.cli_common import EXIT_OK, EXIT_PARTIAL, UsageError, build_scorer, emit_json
 from vlad.errors import ImageLoadError
 
 # ---------------------------------------------------------------------- shared
@@ -63,40 +64,6 @@ def _save_map(path: Path, anomaly_map: np.ndarray) -> Path:
     return path
 
 
-_SCORER_ONLY_OPTIONS = {"detector": ("filo",), "dattn": ("crane", "filo")}
-
-
-def build_scorer(args: argparse.Namespace) -> Any:
-    """The scorer the command line asks for; scorer-specific options are checked against the scorer."""
-    from vlad.scorers import get_scorer
-
-    extra: dict[str, Any] = {}
-    for option, scorers in _SCORER_ONLY_OPTIONS.items():
-        value = getattr(args, option, None)
-        if value is None or (option == "detector" and getattr(args, "rules", None) and args.scorer not in scorers):
-            continue  # --detector also serves the rules (required objects, "% of the part")
-        if args.scorer not in scorers:
-            raise UsageError(f"--{option} applies to the {' and '.join(scorers)} scorer(s), not {args.scorer!r}")
-        extra[option] = value
-    if getattr(args, "concepts", None):
-        extra["concepts"] = args.concepts
-    from vlad.train_cli import apply_adapter_option
-
-    scorer = get_scorer(
-        args.scorer,
-        backbone=args.backbone,
-        device=args.device,
-        precision=args.precision,
-        image_size=args.image_size,
-        threshold=args.threshold,
-        sensitivity=args.sensitivity,
-        batch_size=args.batch_size,
-        profile=getattr(args, "profile", None),
-        **extra,
-    )
-    return apply_adapter_option(scorer, args)
-
-
 def _expand_or_fail(inputs: Sequence[str], option: str) -> tuple[list[Path], list[tuple[Path, str]]]:
     from vlad.data import expand_inputs
 
@@ -108,11 +75,10 @@ def _expand_or_fail(inputs: Sequence[str], option: str) -> tuple[list[Path], lis
 
 
 def run_scorers(args: argparse.Namespace) -> int:
-    from vlad.scorers import list_scorers, scorer_class
+    from vlad.scorers import list_scorers, scorer_summary
 
     for name in list_scorers():
-        doc = (scorer_class(name).__doc__ or "").strip().splitlines()[0]
-        print(f"{name:10s} {doc}")
+        print(f"{name:10s} {scorer_summary(name)}")
     return EXIT_OK
 
 
@@ -132,7 +98,7 @@ class RulesInForce:
     def from_args(cls, args: argparse.Namespace, scorer: Any) -> RulesInForce | None:
         if not getattr(args, "rules", None):
             return None
-        from vlad.rules.cli import load_rules_arg
+        from vlad.rules import load_rules_arg
 
         ruleset = load_rules_arg(args.rules)
         detector = None
@@ -504,10 +470,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if not sep or not user or not password:
             raise UsageError("--auth must look like user:password")
         auth = (user, password)
-    try:
-        from webui.app import build_app, launch
-    except ImportError as exc:
-        raise UsageError(f"the web UI needs gradio: pip install 'vlad[ui]' ({exc})") from exc
+    require("gradio", "ui", what="the web UI")
+    from webui.app import build_app, launch
+
     demo = build_app(scorer=args.scorer, backbone=args.backbone, lvlm=args.lvlm, device=args.device,
                      profile=args.profile, adapter=args.adapter)  # fmt: skip
     print(f"vlad web UI on http://{args.host}:{args.port}", flush=True)

@@ -32,3 +32,10 @@ class DatasetError(VladError):
 
 class ConfigError(VladError, ValueError):
     """An option or configuration value is out of range or of the wrong kind."""
+
+
+class MissingDependencyError(VladError, ImportError):
+    """An optional package is not installed; the message names it and the ``pip install 'vlad[extra]'`` that adds it.
+
+    Raised by :func:`vlad._optional.require`. Also an ImportError, so ``except ImportError`` keeps working.
+    """

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlad._argtypes import positive_float, positive_int
+from vlad._optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def register(subparsers: Any) -> dict[str, Handler]:
     )
     i.add_argument("checkpoint", help="the release file, e.g. checkpoints/trained_on_visa_crane/epoch_5.pth")
     i.add_argument("--format", required=True, choices=["crane", "anomalyclip"], dest="checkpoint_format")
-    i.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"the CLIP it was trained on (default {DEFAULT_BACKBONE})")
+    i.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                   help=f"the CLIP it was trained on (default {DEFAULT_BACKBONE})")  # fmt: skip
     i.add_argument("--out", required=True, help="adapter folder to write")
     i.add_argument("--force", action="store_true", help="import even if its token embeddings are another CLIP's")
     i.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
@@ -76,11 +78,14 @@ def register(subparsers: Any) -> dict[str, Handler]:
 
 
 def run_import_checkpoint(args: argparse.Namespace) -> int:
+    for package in ("torch", "open_clip"):
+        require(package, "clip", what="vlad import-checkpoint")
     from vlad.checkpoints import import_checkpoint
 
     out = import_checkpoint(args.checkpoint, args.checkpoint_format, args.backbone, args.out, force=args.force,
                             overwrite=args.overwrite)  # fmt: skip
-    print(f"adapter: {out}  (use --adapter {out} --scorer {'crane' if args.checkpoint_format == 'crane' else 'anomalyclip'})")
+    scorer = "crane" if args.checkpoint_format == "crane" else "anomalyclip"
+    print(f"adapter: {out}  (use --adapter {out} --scorer {scorer})")
     return EXIT_OK
 
 
@@ -102,6 +107,8 @@ def apply_adapter_option(scorer: Any, args: argparse.Namespace) -> Any:
 
 def run_train_adapter(args: argparse.Namespace) -> int:
     """Train, save, print the per-epoch loss and where the adapter went."""
+    for package in ("torch", "open_clip"):
+        require(package, "train", what="vlad train-adapter")
     from vlad.adapters import METADATA_FILE, save_adapter
     from vlad.errors import ConfigError
     from vlad.training import TrainConfig, train_adapter

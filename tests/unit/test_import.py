@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ["torch", "torchvision", "open_clip", "transformers", "gradio", "openai"]
 
 
@@ -29,3 +31,13 @@ def test_public_surface():
     from vlad.api import Detector
 
     assert vlad.Detector is Detector
+
+
+def test_version_flag(capsys):
+    import vlad
+    from vlad.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"vlad {vlad.__version__}\n"

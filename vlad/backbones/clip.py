@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlad.backbones import BackboneSpec, ensure_weights_available, register_tiny_config
+from vlad.backbones.spec import BackboneSpec, ensure_weights_available, register_tiny_config
 from vlad.errors import BackboneError, WeightsNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,9 @@ class ClipBackbone:
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         embeddings = self.embed(x, pos_interpolation=pos_interpolation)
         out, tapped = self.run_blocks(embeddings, taps)
-        patch_tokens = {layer: self.project_tokens(tok[:, 1:]) if project else tok[:, 1:] for layer, tok in tapped.items()}
+        patch_tokens = {
+            layer: self.project_tokens(tok[:, 1:]) if project else tok[:, 1:] for layer, tok in tapped.items()
+        }
         return VisualOutput(
             global_embedding=self.project_global(out),
             patch_tokens=patch_tokens,

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from vlad._optional import require
 from vlad.errors import ConfigError
 from vlad.explain.errors import LVLMBadReply, LVLMError, LVLMUnavailable, ResponseFormatRejected
 from vlad.explain.template import TemplateBackend
@@ -164,10 +165,7 @@ class OpenAIBackend:
         timeout: float = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_RETRIES,
     ) -> None:
-        try:
-            import openai
-        except ImportError as exc:
-            raise ConfigError("--lvlm openai:... needs the openai package: pip install 'vlad[explain]'") from exc
+        openai = require("openai", "explain", what="--lvlm openai:...")
         import httpx
 
         self.base_url = base_url.rstrip("/")
@@ -432,13 +430,10 @@ class TransformersBackend:
         return self._model, self._processor
 
     def _load_model(self) -> tuple[Any, Any]:
-        try:
-            import torch
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-        except ImportError as exc:
-            raise ConfigError(
-                "--lvlm transformers:... needs torch and transformers: pip install 'vlad[explain]'"
-            ) from exc
+        torch = require("torch", "explain", what="--lvlm transformers:...")
+        require("transformers", "explain", what="--lvlm transformers:...")
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
         from vlad.backbones import resolve_device
 
         offline = any(

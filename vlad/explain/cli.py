@@ -88,7 +88,7 @@ def add_explain_options(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Adds the ``chat`` and ``lvlm-check`` subcommands and returns ``{name: handler}``."""
-    from vlad.cli import _add_model_options
+    from vlad.cli_common import add_model_options
 
     c = subparsers.add_parser("chat", help="talk about one image with the explainer (questions from stdin)")
     c.add_argument("image", help="the image to talk about")
@@ -114,7 +114,7 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
         default=512,
         help="pictures are sent with their longer side at most this many pixels (default 512)",
     )
-    _add_model_options(c)
+    add_model_options(c)
     k = subparsers.add_parser("lvlm-check", help="is the language model server usable? (reachable, model, images)")
     _add_lvlm_options(k, lvlm_required=True)
     k.add_argument(
@@ -217,7 +217,7 @@ def reset_backends() -> None:
 def _load_references(refs: list[str] | None) -> list[Image.Image]:
     if not refs:
         return []
-    from vlad.cli import UsageError
+    from vlad.cli_common import UsageError
     from vlad.data import expand_inputs, load_image
 
     files, problems = expand_inputs(refs)
@@ -243,7 +243,7 @@ def _chat_backend(args: argparse.Namespace, out: TextIO) -> Any:
 def run_chat(args: argparse.Namespace) -> int:
     """``vlad chat IMAGE --object NAME``: scores the image, prints the explanation, then answers questions read
     line by line from stdin until end of input or ``exit`` / ``quit``, streaming each answer to stdout."""
-    from vlad.cli_commands import build_scorer
+    from vlad.cli_common import build_scorer
     from vlad.data import load_image
     from vlad.explain.conversation import Conversation
     from vlad.explain.evidence import build_evidence

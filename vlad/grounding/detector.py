@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from vlad._optional import require
 from vlad.errors import ConfigError
 from vlad.grounding._loading import folder_model_type, load_detector_model
 from vlad.grounding.boxes import Box, clip_box, nms, sort_boxes
@@ -80,6 +81,8 @@ class _TransformersDetector:
     ) -> None:
         from vlad.backbones import resolve_device
 
+        for package in ("torch", "transformers"):
+            require(package, "detect", what=f"the {self.kind} detector")
         self.box_threshold = check_threshold("box_threshold", box_threshold)
         self.nms_iou = None if nms_iou is None else check_threshold("nms_iou", nms_iou)
         self.device = resolve_device(device)

@@ -17,7 +17,8 @@ See docs/rules.md for the phrasings the parser understands and the rule file for
 from __future__ import annotations
 
 from vlad.rules.apply import apply_rules, configure_scorer, score_with_rules
-from vlad.rules.parse import ParseReport, parse_rules
+from vlad.rules.load import load_rules_arg, parse_rules
+from vlad.rules.parse import ParseReport
 from vlad.rules.schema import (
     AcceptableRule,
     Area,
@@ -60,9 +61,3 @@ __all__ = [
     "score_with_rules",
 ]
 
-
-def load_rules_arg(value: object, **kwargs: object) -> RuleSet:
-    """See :func:`vlad.rules.cli.load_rules_arg` (free text or a rules / profile file -> RuleSet)."""
-    from vlad.rules.cli import load_rules_arg as _load
-
-    return _load(value, **kwargs)  # type: ignore[arg-type]

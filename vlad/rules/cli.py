@@ -2,7 +2,8 @@
 
 :mod:`vlad.cli` wires these in: ``register(subparsers)`` adds ``rules`` (with the subcommand ``check``) and returns
 ``{"rules": handler}``; ``add_rules_option(parser)`` adds ``--rules TEXT_OR_FILE``; ``load_rules_arg(value)`` turns
-its value into a :class:`~vlad.rules.schema.RuleSet` (a usage error when something is not understood).
+its value into a :class:`~vlad.rules.schema.RuleSet` (a usage error when something is not understood). The loading
+itself lives in :mod:`vlad.rules.load` (re-exported here), so that the library never imports a CLI module.
 
 ``vlad rules check`` exit codes: 0 every rule understood and no contradictions; 1 something not understood or
 contradictory (all of it is printed); 2 usage error (no rules, a missing or invalid rules file, a bad option).
@@ -14,21 +15,20 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
-from vlad.errors import ConfigError, VladError
-from vlad.rules.parse import ParseReport, parse_rules, report_from_ruleset
-from vlad.rules.schema import RULE_FILE_SUFFIXES, RuleSet, load_rules
+from vlad.errors import VladError
+from vlad.rules.load import TEXT_SUFFIXES, load_rules_arg, read_rules_arg
+from vlad.rules.parse import ParseReport
+from vlad.rules.schema import RuleSet
 
 EXIT_OK, EXIT_NOT_UNDERSTOOD, EXIT_USAGE = 0, 1, 2
-TEXT_SUFFIXES = (".txt", ".md")
 RULES_HELP = (
     'natural-language rules, e.g. "scratches on the label are fine; a bent pin is critical", or a rules / product '
     "profile file (.yaml, .yml, .json; .txt holds plain-language rules); see `vlad rules check`"
 )
 
-__all__ = ["add_rules_option", "load_rules_arg", "main", "read_rules_arg", "register", "run_rules"]
+__all__ = ["TEXT_SUFFIXES", "add_rules_option", "load_rules_arg", "main", "read_rules_arg", "register", "run_rules"]
 
 
 def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -48,58 +48,6 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
 def add_rules_option(parser: argparse.ArgumentParser) -> None:
     """Adds ``--rules TEXT_OR_FILE`` (default None)."""
     parser.add_argument("--rules", default=None, metavar="TEXT_OR_FILE", help=RULES_HELP)
-
-
-def read_rules_arg(value: str | Sequence[str], *, lvlm: Any = None, timeout: float = 60.0) -> ParseReport:
-    """The parse report of a ``--rules`` value or ``vlad rules check`` arguments.
-
-    Args:
-        value: free text, or a path to a ``.yaml`` / ``.yml`` / ``.json`` rules or profile file, or to a ``.txt`` /
-            ``.md`` file of plain-language rules; a list of strings is one rule per item (or one file).
-        lvlm: a language-model spec for parsing words (see :func:`vlad.rules.parse.parse_rules`).
-        timeout: seconds to wait for the language model.
-
-    Raises:
-        ConfigError: empty rules, a missing, unreadable or invalid file.
-    """
-    items = [value] if isinstance(value, str) else list(value)
-    if len(items) == 1 and _is_file_arg(items[0]):
-        path = Path(items[0]).expanduser()
-        suffix = path.suffix.lower()
-        if suffix in RULE_FILE_SUFFIXES:
-            return report_from_ruleset(load_rules(path), source=str(path))
-        if not path.is_file():
-            raise ConfigError(f"rules file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read rules file {path}: {exc}") from exc
-        return parse_rules(text, lvlm=lvlm, timeout=timeout)
-    return parse_rules("\n".join(items), lvlm=lvlm, timeout=timeout)
-
-
-def _is_file_arg(value: str) -> bool:
-    text = value.strip()
-    return "\n" not in text and Path(text).suffix.lower() in (*RULE_FILE_SUFFIXES, *TEXT_SUFFIXES)
-
-
-def load_rules_arg(value: str | RuleSet | None, *, lvlm: Any = None, timeout: float = 60.0) -> RuleSet:
-    """The :class:`RuleSet` of a ``--rules`` value (text or file); an empty RuleSet for None.
-
-    Raises:
-        ConfigError: empty rules, a bad file, or rules not understood or contradictory (one line naming the first
-            problem, how many there are, and ``vlad rules check`` to see them all).
-    """
-    if value is None:
-        return RuleSet()
-    if isinstance(value, RuleSet):
-        return value
-    report = read_rules_arg(value, lvlm=lvlm, timeout=timeout)
-    problems = [*report.not_understood, *report.contradictions]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(f"--rules: {problems[0]}{more}; run `vlad rules check` to see how vlad reads the rules")
-    return report.rules
 
 
 # ---------------------------------------------------------------------------------------------------- vlad rules check

@@ -3,7 +3,7 @@
 The backend comes from :mod:`vlad.explain` (``load_backend(spec)``, whose model backends offer
 ``complete(messages, max_tokens=, json_schema=)``); when that package cannot be imported, a small client on the
 ``openai`` SDK serves ``openai:URL[#model]`` specs. The reply is validated with the schema; any failure raises
-:class:`RulesLVLMError` with one line saying why, and :func:`vlad.rules.parse.parse_rules` falls back to the
+:class:`RulesLVLMError` with one line saying why, and :func:`vlad.rules.load.parse_rules` falls back to the
 deterministic parser and says so. openai is imported only here, inside functions.
 """
 
@@ -14,7 +14,8 @@ import logging
 import re
 from typing import Any
 
-from vlad.errors import ConfigError, VladError
+from vlad._optional import require
+from vlad.errors import ConfigError, MissingDependencyError, VladError
 from vlad.rules.parse import ParseReport, report_from_ruleset, split_clauses, validate_ruleset_data
 from vlad.rules.schema import RULE_KINDS, RuleSet, area_names, laft_aliases
 
@@ -88,9 +89,9 @@ class OpenAIJsonClient:
 
     def __init__(self, base_url: str, model: str | None = None, *, timeout: float = 60.0) -> None:
         try:
-            import openai
-        except ImportError as exc:
-            raise RulesLVLMError("parsing rules with openai:... needs the openai package: pip install openai") from exc
+            openai = require("openai", "explain", what="parsing rules with openai:...")
+        except MissingDependencyError as exc:
+            raise RulesLVLMError(str(exc)) from exc  # the caller falls back to the deterministic parser
         import os
 
         key = os.environ.get("VLAD_LVLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"

@@ -16,13 +16,12 @@ acceptable            "scratches on the label are fine", "X is acceptable", "ign
 The phrase tables (synonyms, severity words, position words) are in ``prompts/rules.yaml``. A clause that no pattern
 reads goes to ``not_understood`` with the reason; contradictions name both rules. Nothing is dropped silently.
 
-With a language model (``lvlm="openai:http://127.0.0.1:8000/v1"``) the text is sent with the RuleSet JSON schema as
-the response format; a reply that fails validation falls back to the deterministic parser, and the report says so.
+The front door, :func:`vlad.rules.load.parse_rules` (also ``vlad.rules.parse_rules``), can send the text through a
+language model first (:mod:`vlad.rules.lvlm`) and falls back to this parser.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,8 +51,6 @@ from vlad.rules.schema import (
     severity_rank,
     validation_message,
 )
-
-logger = logging.getLogger(__name__)
 
 EMPTY_RULES_MESSAGE = "no rules given; write one rule per line, e.g. 'scratches on the label are fine'"
 _NUM = r"-?\d+(?:\.\d+)?"
@@ -103,40 +100,6 @@ class ParseReport:
             "source": self.source,
             "ok": self.ok,
         }
-
-
-# ---------------------------------------------------------------------------------------------------- entry point
-def parse_rules(text: str, *, lvlm: Any = None, timeout: float = 60.0) -> ParseReport:
-    """Reads natural-language rules.
-
-    Args:
-        text: the rules, one per line, ``;`` or sentence.
-        lvlm: None or ``"template"`` for the deterministic parser; a backend spec string (``openai:URL[#model]``,
-            ``transformers:MODEL``) or a backend object with ``complete(messages, max_tokens=, json_schema=)`` to parse
-            through a language model first.
-        timeout: seconds to wait for the language model.
-
-    Returns:
-        a :class:`ParseReport`; check :attr:`ParseReport.ok`.
-
-    Raises:
-        ConfigError: ``text`` is empty.
-    """
-    if not isinstance(text, str) or not split_clauses(text):
-        raise ConfigError(EMPTY_RULES_MESSAGE)
-    if lvlm is None or lvlm == "template":
-        return parse_deterministic(text)
-    from vlad.rules.lvlm import RulesLVLMError, parse_with_lvlm
-
-    try:
-        return parse_with_lvlm(text, lvlm, timeout=timeout)
-    except RulesLVLMError as exc:
-        logger.warning("rule parsing through the language model failed: %s", exc)
-        fallback = parse_deterministic(text)
-        fallback.notes.insert(
-            0, f"the language model gave no valid rule set ({exc}); the deterministic parser was used"
-        )
-        return fallback
 
 
 def parse_deterministic(text: str) -> ParseReport:

@@ -1,6 +1,7 @@
 """The scorer registry: explicit, lazy, string-keyed. Importing this module imports no scorer (and no torch).
 
-Adding a scorer means adding its module and one line to ``_SCORERS``.
+Adding a scorer means adding its module, one line to ``_SCORERS`` and its one-line summary (the first line of the
+class docstring, a test checks they agree) to ``_SUMMARIES``, which ``vlad scorers`` prints without importing torch.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from vlad._optional import require
 from vlad.errors import UnknownScorerError
 
 if TYPE_CHECKING:
@@ -22,18 +24,45 @@ _SCORERS: dict[str, str] = {
     "winclip": "vlad.scorers.winclip:WinClipScorer",
 }
 
+_SUMMARIES: dict[str, str] = {
+    "anomalyclip": "AnomalyCLIP: V-V dual-path dense CLIP maps and object-agnostic (learned) prompts (ICLR 2024).",
+    "crane": "Crane / Crane+: E-Attn dual-path dense CLIP maps with local-to-global image scores (arXiv 2504.11055).",
+    "filo": "FiLo: fine-grained defect descriptions and detector-guided localisation, training-free (ACM MM 2024).",
+    "laft": 'LAFT-AD: kNN on CLIP features after a language-defined feature transform ("ignore colour", "focus on '
+    'cracks").',
+    "musc": "MuSc: mutual scoring of a batch of unlabeled images of one product (ICLR 2024); zero-shot, no prompts.",
+    "winclip": "WinCLIP / WinCLIP+: prompt ensemble and multi-scale windows, few-shot patch memory (CVPR 2023).",
+}
+
 
 def list_scorers() -> list[str]:
     """Registered scorer names, sorted."""
     return sorted(_SCORERS)
 
 
+def scorer_summary(name: str) -> str:
+    """One line on what the scorer ``name`` does (imports nothing)."""
+    _check_name(name)
+    return _SUMMARIES[name]
+
+
 def scorer_class(name: str) -> type[Scorer]:
-    """The class registered under ``name`` (imports its module)."""
-    if name not in _SCORERS:
-        raise UnknownScorerError(f"unknown scorer {name!r}; available: {', '.join(list_scorers())}")
+    """The class registered under ``name`` (imports its module, and torch and open_clip with it).
+
+    Raises:
+        UnknownScorerError: no scorer of that name.
+        MissingDependencyError: torch or open_clip is not installed (``pip install 'vlad[clip]'``).
+    """
+    _check_name(name)
+    for package in ("torch", "open_clip"):
+        require(package, "clip", what=f"the {name} scorer")
     module, _, attr = _SCORERS[name].partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def _check_name(name: str) -> None:
+    if name not in _SCORERS:
+        raise UnknownScorerError(f"unknown scorer {name!r}; available: {', '.join(list_scorers())}")
 
 
 def get_scorer(name: str, **config: Any) -> Scorer:
