@@ -31,6 +31,7 @@ from vlad.backbones import WINCLIP_BACKBONE
 from vlad.backbones.clip import ClipBackbone
 from vlad.errors import ConfigError
 from vlad.scorers._text import PromptEnsemble
+from vlad.scorers._ops import upsample
 from vlad.scorers.base import Features, Scorer
 
 TEMPERATURE = 0.07
@@ -106,11 +107,15 @@ class WinClipScorer(Scorer):
         return self.steer(self.ensemble.prototypes(self.backbone, object_name))
 
     def _extract(self, x: torch.Tensor) -> Features:
-        out = self.backbone.forward_visual(x, layers=[-1], keep_embeddings=True)
+        # paper (anomalib): few-shot patch tokens are ln_post outputs, not projected; vlad (and with LAFT concepts,
+        # which act in the joint space): ln_post @ proj
+        raw = self.profile == "paper" and self.transform is None
+        out = self.backbone.forward_visual(x, layers=[-1], keep_embeddings=True, project=not raw)
         assert out.embeddings is not None
+        patches = out.patch_tokens[self.backbone.num_layers]
         feats = {
             "global": out.global_embedding,
-            "patches": out.patch_tokens[self.backbone.num_layers],
+            "patches": self.backbone.model.visual.ln_post(patches) if raw else patches,
         }
         for s, windows in self._windows.items():
             feats[f"win{s}"] = self.backbone.encode_windows(out.embeddings, windows)
@@ -125,14 +130,18 @@ class WinClipScorer(Scorer):
             maps.append(harmonic_aggregation(class_scores(feats[f"win{s}"], text), windows, n))
         zero_shot = len(maps) / torch.stack([1.0 / m.clamp_min(1e-12) for m in maps]).sum(0)
         if memory is None:
-            return image_score, zero_shot.reshape(-1, *self.grid)
+            return image_score, self._at_model_size(zero_shot.reshape(-1, *self.grid))
         few = [visual_association(feats["patches"], memory["patches"])]
         for s, windows in self._windows.items():
             few.append(harmonic_aggregation(visual_association(feats[f"win{s}"], memory[f"win{s}"]), windows, n))
         few_shot = torch.stack(few).mean(0)
         final = (zero_shot + few_shot) / 2
         score = (image_score + few_shot.amax(dim=-1)) / 2
-        return score, final.reshape(-1, *self.grid)
+        return score, self._at_model_size(final.reshape(-1, *self.grid))
+
+    def _at_model_size(self, maps: torch.Tensor) -> torch.Tensor:
+        """paper: upsample to the model input first, as anomalib does (the caller resizes again); vlad: grid maps."""
+        return upsample(maps, self.image_size) if self.profile == "paper" else maps
 
     def _memory(self, refs: Features, keep: torch.Tensor) -> Features:
         keep = keep.to(refs["patches"].device)
