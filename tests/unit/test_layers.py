@@ -45,7 +45,7 @@ LAYERS = Layers(
                 "vlad.resources",
             ],
         ),
-        ("data/metrics", ["vlad.data", "vlad.data.*", "vlad.metrics", "vlad.metrics.*"]),
+        ("data/metrics", ["vlad.data", "vlad.data.*", "vlad.metrics", "vlad.metrics.*", "vlad.finegrained"]),
         ("backbones/concepts/grounding", ["vlad.backbones*", "vlad.laft", "vlad.grounding*"]),
         (
             "scorers/adapters/training",
