@@ -125,15 +125,18 @@ def test_result_contract_and_determinism(scorer, texture_set):
     again = scorer.score_many(images, "texture")
     for im, r, r2 in zip(images, first, again, strict=True):
         assert r.anomaly_map.shape == im.shape[:2]
-        assert r.anomaly_map.dtype == np.float32 and np.isfinite(r.anomaly_map).all()
-        assert 0.0 <= r.anomaly_map.min() and r.anomaly_map.max() <= 2.0  # distances of unit vectors
+        assert r.anomaly_map.dtype == np.float32
+        assert np.isfinite(r.anomaly_map).all()
+        assert 0.0 <= r.anomaly_map.min()
+        assert r.anomaly_map.max() <= 2.0
         np.testing.assert_array_equal(r.anomaly_map, r2.anomaly_map)
         assert r.pred_score == r2.pred_score
         np.testing.assert_array_equal(r.pred_mask, r.anomaly_map >= r.pixel_threshold)
         assert sum(reg.area for reg in r.regions) == int(r.pred_mask.sum())
         assert (r.threshold, r.threshold_source, r.scorer) == (0.5, "default", "musc")
         assert r.pred_label == (r.pred_score >= 0.5)
-        assert r.meta["batch_size"] == 4 and 0.0 <= r.meta["batch_score"] <= 1.0
+        assert r.meta["batch_size"] == 4
+        assert 0.0 <= r.meta["batch_score"] <= 1.0
         assert any("random weights" in w for w in r.warnings)
         assert any("only 3 other images" in w for w in r.warnings)
         assert set(r.timings) >= {"model", "mutual_scoring", "postprocess"}
@@ -161,16 +164,21 @@ def test_batches_too_small_are_refused(scorer, texture_set):
 
 
 def test_references_make_a_single_image_scorable(tiny_backbone, texture_set):
-    one_ref = MuscScorer(tiny_backbone).fit(texture_set["refs"][:1])
+    """vlad profile: references are compared-only and scores stay on the map scale, so one calibration serves
+    batches of any composition (the paper profile's batch-relative scores: tests/unit/test_musc_paper.py)."""
+    one_ref = MuscScorer(tiny_backbone, profile="vlad").fit(texture_set["refs"][:1])
     r = one_ref.score(texture_set["good"], "texture")
-    assert r.anomaly_map.shape == (128, 128) and r.meta["batch_size"] == 2
-    assert r.threshold_source == "default" and any("cannot be calibrated" in w for w in r.warnings)
+    assert r.anomaly_map.shape == (128, 128)
+    assert r.meta["batch_size"] == 2
+    assert r.threshold_source == "default"
+    assert any("cannot be calibrated" in w for w in r.warnings)
 
-    fitted = MuscScorer(tiny_backbone).fit(texture_set["refs"])
+    fitted = MuscScorer(tiny_backbone, profile="vlad").fit(texture_set["refs"])
     good, bad = fitted.score(texture_set["good"], "texture"), fitted.score(texture_set["bad"], "texture")
     assert good.threshold_source == bad.threshold_source == "calibrated"
     assert bad.pred_score > good.pred_score
-    assert bad.pred_label and not good.pred_label
+    assert bad.pred_label
+    assert not good.pred_label
     assert fitted.thresholds("anything") == fitted.thresholds("texture")  # no text: one calibration for all
     with pytest.raises(ConfigError, match="empty batch"):
         fitted.score_many([], "texture")
@@ -180,27 +188,30 @@ def test_references_make_a_single_image_scorable(tiny_backbone, texture_set):
 
 
 def test_references_are_compared_but_not_scored(tiny_backbone, texture_set):
-    """A batch scored with references equals the same images scored in a batch that includes the references,
-    except for RsCIN, which only smooths over scored images (k_list=(1,) turns it off)."""
+    """vlad profile: a batch scored with references equals the same images scored in a batch that includes the
+    references, except for RsCIN, which only smooths over scored images (k_list=(1,) turns it off)."""
     refs, images = texture_set["refs"][:3], [texture_set["good"], texture_set["bad"]]
-    with_refs = MuscScorer(tiny_backbone, k_list=(1,)).fit(refs).score_many(images, "texture")
-    together = MuscScorer(tiny_backbone, k_list=(1,)).score_many(images + refs, "texture")
-    assert len(with_refs) == 2 and with_refs[0].meta["batch_size"] == 5
+    with_refs = MuscScorer(tiny_backbone, k_list=(1,), profile="vlad").fit(refs).score_many(images, "texture")
+    together = MuscScorer(tiny_backbone, k_list=(1,), profile="vlad").score_many(images + refs, "texture")
+    assert len(with_refs) == 2
+    assert with_refs[0].meta["batch_size"] == 5
     for a, b in zip(with_refs, together[:2], strict=True):
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-5, atol=1e-6)
         assert a.pred_score == pytest.approx(b.pred_score, rel=1e-5)
 
 
-def test_mutual_scoring_localises_a_planted_defect(scorer, texture_set):
+@pytest.mark.parametrize("profile", ["paper", "vlad"])
+def test_mutual_scoring_localises_a_planted_defect(tiny_backbone, texture_set, profile):
     """Geometry check (patch grid -> pixels) and the MuSc premise: the one odd image in a batch of normal ones stands
     out. With random weights only appearance differences can be found, and a planted texture patch is one."""
-    results = scorer.score_many([*texture_set["refs"][:5], texture_set["bad"]], "texture")
+    results = MuscScorer(tiny_backbone, profile=profile).score_many([*texture_set["refs"][:5], texture_set["bad"]], "t")
     scores = [r.pred_score for r in results]
     assert int(np.argmax(scores)) == 5
     assert results[5].meta["batch_score"] == max(r.meta["batch_score"] for r in results)
     amap, mask = results[5].anomaly_map, texture_set["mask"]
     assert roc_auc_score(mask.ravel(), amap.ravel()) > 0.85
-    assert mask[np.unravel_index(amap.argmax(), mask.shape)]
+    if profile == "vlad":  # align_corners=True (paper) stretches the patch-centre lattice over the whole image:
+        assert mask[np.unravel_index(amap.argmax(), mask.shape)]  # up to half a patch off near the borders
 
 
 def test_configuration_is_checked_and_described(tiny_backbone):
@@ -213,6 +224,10 @@ def test_configuration_is_checked_and_described(tiny_backbone):
         MuscScorer(tiny_backbone, k_list=(0,))
     with pytest.raises(ConfigError, match=r"fraction must be in \(0, 1\], got 0"):
         MuscScorer(tiny_backbone, fraction=0)
+    with pytest.raises(ConfigError, match=r"chunk_elements must be >= 1, got 0"):
+        MuscScorer(tiny_backbone, chunk_elements=0)
     d = MuscScorer(tiny_backbone, r_list=(3,)).describe()
     assert (d["scorer"], d["layers"], d["r_list"], d["k_list"]) == ("musc", [1, 2, 3, 4], [3], [1, 2, 3])
+    assert (d["profile"], d["dataset"], d["activation"]) == ("paper", "mvtec", "gelu")
     assert math.isclose(d["fraction"], 0.3)
+    assert "activation" not in MuscScorer(tiny_backbone, profile="vlad").describe()

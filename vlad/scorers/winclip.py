@@ -107,15 +107,13 @@ class WinClipScorer(Scorer):
         return self.steer(self.ensemble.prototypes(self.backbone, object_name))
 
     def _extract(self, x: torch.Tensor) -> Features:
-        # paper (anomalib): few-shot patch tokens are ln_post outputs, not projected; vlad (and with LAFT concepts,
-        # which act in the joint space): ln_post @ proj
-        raw = self.profile == "paper" and self.transform is None
-        out = self.backbone.forward_visual(x, layers=[-1], keep_embeddings=True, project=not raw)
+        # few-shot patch tokens in the joint space (ln_post @ proj), where concept rules and LAFT act; anomalib keeps
+        # ln_post outputs (a documented deviation of both profiles)
+        out = self.backbone.forward_visual(x, layers=[-1], keep_embeddings=True)
         assert out.embeddings is not None
-        patches = out.patch_tokens[self.backbone.num_layers]
         feats = {
             "global": out.global_embedding,
-            "patches": self.backbone.model.visual.ln_post(patches) if raw else patches,
+            "patches": out.patch_tokens[self.backbone.num_layers],
         }
         for s, windows in self._windows.items():
             feats[f"win{s}"] = self.backbone.encode_windows(out.embeddings, windows)
