@@ -1,5 +1,7 @@
-"""MuSc on a tiny random ViT: LNAMD, MSM and RsCIN against brute-force versions, the batch contract, order
-invariance, references as unscored batch members, and localisation of a planted defect by mutual scoring."""
+"""MuSc on a tiny random ViT: the vlad profile's LNAMD, MSM and RsCIN against brute-force versions, the batch
+contract and order invariance (both profiles), the vlad profile's references as unscored batch members, and
+localisation of a planted defect by mutual scoring. The paper profile's parity with the reference computation is in
+test_musc_paper.py."""
 
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ from vlad.scorers.musc import (
 )
 
 
-@pytest.fixture(scope="module")
-def scorer(tiny_backbone):
-    return MuscScorer(tiny_backbone)
+@pytest.fixture(scope="module", params=["paper", "vlad"])
+def scorer(tiny_backbone, request):
+    return MuscScorer(tiny_backbone, profile=request.param)
 
 
 # ---------------------------------------------------------------------- building blocks vs brute force
