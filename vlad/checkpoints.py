@@ -163,9 +163,8 @@ def _check_fit(clip: Any, ctx: Any, deep: list[Any], state: dict[str, Any], path
     n_ctx = ctx.shape[1]
     for kind, suffix in (("pos", "object."), ("neg", "damaged object.")):
         tokens = clip.tokenizer([prompt_template(n_ctx, suffix)]).to("cpu")
-        stored = state[f"tokenized_prompts_{kind}"].reshape(-1, tokens.shape[-1]) if state[
-            f"tokenized_prompts_{kind}"].numel() == tokens.numel() else None  # fmt: skip
-        if stored is None or not torch.equal(stored.long(), tokens.long()):
+        stored = state[f"tokenized_prompts_{kind}"]
+        if stored.numel() != tokens.numel() or not torch.equal(stored.reshape(tokens.shape).long(), tokens.long()):
             raise ConfigError(f"{path}: tokenized_prompts_{kind} are not {clip.spec}'s tokens of "
                               f"{prompt_template(n_ctx, suffix)!r} (another tokenizer or template)")  # fmt: skip
         with torch.no_grad():

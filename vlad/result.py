@@ -185,7 +185,8 @@ class AnomalyResult:
             elif f.name == "rule_hits":
                 value = [{"rule": h.rule, "effect": h.effect, "detail": h.detail} for h in value]
             elif f.name == "explanation":
-                value = None if value is None else {"text": value.text, "backend": value.backend, "report": value.report}
+                if value is not None:
+                    value = {"text": value.text, "backend": value.backend, "report": value.report}
             elif f.name == "timings":
                 value = {k: round(v, 4) for k, v in value.items()}
             elif f.name == "warnings":

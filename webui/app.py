@@ -83,7 +83,8 @@ def _files(value: Any) -> list[str]:
 
 # ---------------------------------------------------------------------- handlers
 def chat(service: InspectorService, message: dict | str | None, history: list, session: Session | None,
-         product: str, scorer: str, backbone: str, refs: Any, rules: str, sensitivity: float) -> Iterator[tuple]:  # fmt: skip
+         product: str, scorer: str, backbone: str, refs: Any, rules: str,
+         sensitivity: float) -> Iterator[tuple]:  # fmt: skip
     """A new image starts a new inspection; text continues the conversation about the current one."""
     session = session or Session()
     history = list(history or [])

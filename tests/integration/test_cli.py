@@ -29,11 +29,14 @@ def test_detect_writes_report_and_overlays(sample_images, tmp_path, capsys):
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     rows = _rows(out)
-    assert printed["results"] == rows and printed["failed"] == 0
+    assert printed["results"] == rows
+    assert printed["failed"] == 0
     assert len(rows) == 3
     for row in rows:
         assert REPORT_FIELDS <= set(row)
-        assert row["error"] is None and row["object"] == "bottle" and row["scorer"] == "winclip"
+        assert row["error"] is None
+        assert row["object"] == "bottle"
+        assert row["scorer"] == "winclip"
         overlay = Image.open(row["overlay"])
         assert overlay.size == Image.open(row["path"]).size
         assert row["threshold_source"] == "default"
@@ -50,7 +53,8 @@ def test_detect_with_refs_uses_few_shot_memory(sample_images, tmp_path, capsys):
                  "--refs", str(refs), "--out", str(out), "--device", "cpu"])  # fmt: skip
     assert code == 0
     text = capsys.readouterr().out
-    assert "verdict" in text and "report:" in text
+    assert "verdict" in text
+    assert "report:" in text
     rows = _rows(out)
     assert {r["threshold_source"] for r in rows} == {"calibrated"}
 
@@ -77,7 +81,8 @@ def test_detect_batch_with_bad_files_reports_each_and_scores_the_rest(tmp_path, 
                  "--backbone", "random:tiny", "--out", str(out), "--device", "cpu"])  # fmt: skip
     assert code == 1
     rows = {Path(r["path"]).name: r for r in _rows(out)}
-    assert rows["good.png"]["error"] is None and rows["good.png"]["verdict"] in ("normal", "anomalous")
+    assert rows["good.png"]["error"] is None
+    assert rows["good.png"]["verdict"] in ("normal", "anomalous")
     for name, pattern in expected.items():
         assert rows[name]["error"], name
         assert name in rows[name]["error"] or pattern == "not found"
@@ -100,7 +105,8 @@ def test_detect_usage_errors_exit_2(sample_images, tmp_path, capsys, argv, messa
     code = main(["detect", str(sample_images), "--object", "x", "--out", str(tmp_path / "o"), *argv])
     assert code == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err
+    assert "Traceback" not in err
 
 
 def test_refs_without_images_exit_2(sample_images, tmp_path, capsys):
@@ -148,16 +154,20 @@ def test_eval_on_mvtec_layout(synthetic_mvtec, tmp_path, capsys, shots):
                  "--shots", str(shots), "--out", str(out), "--legacy-aupro", "--device", "cpu"])  # fmt: skip
     assert code == 0
     table = capsys.readouterr().out
-    assert "tex" in table and "tiles" in table and "mean" in table
+    assert "tex" in table
+    assert "tiles" in table
+    assert "mean" in table
     data = json.loads(out.read_text())
     assert set(data["per_category"]) == {"tex", "tiles"}
     keys = {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
             "pixel_aupro_legacy"}  # fmt: skip
     assert keys <= set(data["mean"])
     for cat in data["per_category"].values():
-        assert cat["n_images"] in (4, 6) and cat["failed"] == []
+        assert cat["n_images"] in (4, 6)
+        assert cat["failed"] == []
         assert all(v is None or 0.0 <= v <= 1.0 for v in cat["metrics"].values())
-    assert data["settings"]["shots"] == shots and data["settings"]["references"] == shots
+    assert data["settings"]["shots"] == shots
+    assert data["settings"]["references"] == shots
 
 
 def test_eval_limit_keeps_both_classes(synthetic_mvtec, tmp_path, capsys):
@@ -165,14 +175,16 @@ def test_eval_limit_keeps_both_classes(synthetic_mvtec, tmp_path, capsys):
     assert main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "tex", "--limit", "2",
                  "--backbone", "random:tiny", "--out", str(out)]) == 0  # fmt: skip
     cat = json.loads(out.read_text())["per_category"]["tex"]
-    assert cat["n_images"] == 2 and cat["n_anomalous"] == 1
+    assert cat["n_images"] == 2
+    assert cat["n_anomalous"] == 1
 
 
 def test_eval_unknown_category_and_layout(synthetic_mvtec, capsys):
     assert main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "nope",
                  "--backbone", "random:tiny"]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert "nope" in err and "tex" in err
+    assert "nope" in err
+    assert "tex" in err
     with pytest.raises(SystemExit):
         main(["eval", "--root", str(synthetic_mvtec), "--layout", "coco"])
 
@@ -182,9 +194,12 @@ def test_console_script_and_benchmark_run(sample_images, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlad.cli", "scorers"], capture_output=True, text=True, check=True)
     assert "winclip" in proc.stdout
     bench = subprocess.run([sys.executable, str(root / "benchmarks" / "speed.py"), "--backbone", "random:tiny",
-                            "--repeats", "1", "--device", "cpu"], capture_output=True, text=True, check=True)  # fmt: skip
+                            "--repeats", "1", "--device", "cpu"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
     line = json.loads(bench.stdout.strip().splitlines()[-1])
-    assert line["scorer"] == "winclip" and line["images_per_s"] > 0 and line["overhead_ratio"] > 0
+    assert line["scorer"] == "winclip"
+    assert line["images_per_s"] > 0
+    assert line["overhead_ratio"] > 0
 
 
 @pytest.mark.parametrize("scorer", list_scorers())
@@ -199,13 +214,15 @@ def test_every_scorer_runs_through_detect_and_eval(scorer, sample_images, synthe
                  "--refs", str(refs), "--out", str(out), "--device", "cpu", *extra])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     rows = _rows(out)
-    assert len(rows) == 3 and all(r["scorer"] == scorer and r["error"] is None for r in rows)
+    assert len(rows) == 3
+    assert all(r["scorer"] == scorer and r["error"] is None for r in rows)
     metrics = tmp_path / "m.json"
     code = main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "tex", "--scorer", scorer,
                  "--backbone", "random:tiny", "--shots", "2", "--out", str(metrics), *extra])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     data = json.loads(metrics.read_text())
-    assert data["settings"]["scorer"] == scorer and data["per_category"]["tex"]["n_images"] == 6
+    assert data["settings"]["scorer"] == scorer
+    assert data["per_category"]["tex"]["n_images"] == 6
 
 
 def test_scorer_specific_options_are_checked(sample_images, tmp_path, capsys):
@@ -228,7 +245,8 @@ def test_musc_scores_a_folder_as_one_batch(sample_images, tmp_path, capsys):
                  "--out", str(out), "--batch-size", "1"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     rows = _rows(out)
-    assert len(rows) == 3 and all(r["error"] is None for r in rows)
+    assert len(rows) == 3
+    assert all(r["error"] is None for r in rows)
 
 
 def test_train_adapter_then_detect_with_it(synthetic_mvtec, sample_images, tmp_path, capsys):
@@ -243,13 +261,16 @@ def test_train_adapter_then_detect_with_it(synthetic_mvtec, sample_images, tmp_p
     assert main([*base, "--out", str(plain)]) == 0
     assert main([*base, "--out", str(tuned), "--adapter", str(adapter)]) == 0
     a, b = _rows(plain), _rows(tuned)
-    assert [r["adapter"] for r in b] == [f"crane-prompts:{adapter.name}"] * 3 and a[0]["adapter"] is None
+    assert [r["adapter"] for r in b] == [f"crane-prompts:{adapter.name}"] * 3
+    assert a[0]["adapter"] is None
     assert any(x["pred_score"] != y["pred_score"] for x, y in zip(a, b, strict=True))
     wrong = main(["detect", str(sample_images), "--object", "part", "--scorer", "crane", "--backbone",
-                  "random:ViT-B-16", "--image-size", "224", "--out", str(tmp_path / "w"), "--adapter", str(adapter)])  # fmt: skip
+                  "random:ViT-B-16", "--image-size", "224", "--out", str(tmp_path / "w"),
+                  "--adapter", str(adapter)])  # fmt: skip
     assert wrong == 2
     err = capsys.readouterr().err
-    assert "random:tiny" in err and "random:ViT-B-16" in err
+    assert "random:tiny" in err
+    assert "random:ViT-B-16" in err
 
 
 def test_detect_explain_and_eval_lvlm_verdicts(synthetic_mvtec, sample_images, tmp_path, capsys):
@@ -296,5 +317,6 @@ def test_eval_with_concept_rules_changes_scores(synthetic_mvtec, tmp_path):
     assert main([*base, "--out", str(ruled), "--rules", "ignore colour"]) == 0
     a = json.loads(plain.read_text())["per_category"]["tex"]["metrics"]
     b = json.loads(ruled.read_text())["per_category"]["tex"]["metrics"]
-    assert a["pixel_auroc"] is not None and b["pixel_auroc"] is not None
+    assert a["pixel_auroc"] is not None
+    assert b["pixel_auroc"] is not None
     assert any(abs(a[k] - b[k]) > 1e-9 for k in ("pixel_auroc", "pixel_ap", "pixel_aupro", "image_ap"))

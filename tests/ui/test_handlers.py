@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from vlad.errors import VladError
 from webui.app import chat, resensitise, run_batch
 from webui.service import InspectorService, Session
-
-from vlad.errors import VladError
 
 SETTINGS = ("part", "winclip", "", None, "", 0.5)
 
@@ -19,18 +18,22 @@ def _run(service, message, history=None, session=None, settings=SETTINGS):
 
 def test_new_image_then_follow_up_keeps_context(service, uploads):
     _, history, session, verdict, slider, regions, report = _run(service, {"text": "", "files": [str(uploads["bad"])]})
-    assert session.inspection is not None and session.inspection.product == "part"
+    assert session.inspection is not None
+    assert session.inspection.product == "part"
     assert history[0]["content"] == {"path": str(uploads["bad"])}
     assert history[1]["metadata"]["title"].startswith("Working: winclip")
-    assert "score" in history[1]["content"] and "threshold" in history[1]["content"]
+    assert "score" in history[1]["content"]
+    assert "threshold" in history[1]["content"]
     assert history[2]["content"].startswith("**part: ")
     assert ("ANOMALOUS" in verdict) or ("NORMAL" in verdict)
     assert slider[0].size == slider[1].size == session.inspection.image.size
     assert report.endswith("report.json")
     _, history2, session2, *_ = _run(service, {"text": "where is it?", "files": []}, history, session)
-    assert session2 is session and len(history2) == len(history) + 3  # question, working, answer
+    assert session2 is session
+    assert len(history2) == len(history) + 3
     assert history2[-2]["metadata"]["title"].startswith("Working: winclip, score")
-    assert history2[-1]["role"] == "assistant" and history2[-1]["content"]
+    assert history2[-1]["role"] == "assistant"
+    assert history2[-1]["content"]
     assert "need a language model" not in history2[-1]["content"]
 
 
@@ -42,7 +45,8 @@ def test_question_without_image_asks_for_one(service):
 def test_corrupt_and_oversized_uploads_are_told_in_the_chat(uploads):
     small = InspectorService(backbone="random:tiny", device="cpu", max_upload_mb=1)
     _, history, *_ = _run(small, {"text": "", "files": [str(uploads["corrupt"])]})
-    assert history[-1]["content"].startswith("⚠️") and "corrupt.png" in history[-1]["content"]
+    assert history[-1]["content"].startswith("⚠️")
+    assert "corrupt.png" in history[-1]["content"]
     assert "Traceback" not in history[-1]["content"]
     _, history, *_ = _run(small, {"text": "", "files": [str(uploads["big"])]})
     assert "over the upload limit of 1 MB" in history[-1]["content"]
@@ -78,8 +82,10 @@ def test_sessions_are_isolated(service, uploads):
                                                                                       "", 0.5))  # fmt: skip
     _run(service, {"text": "", "files": [str(uploads["good"])]}, session=b, settings=("screw", "winclip", "", None,
                                                                                        "", 0.5))  # fmt: skip
-    assert a.inspection.product == "bottle" and b.inspection.product == "screw"
-    assert a.folder != b.folder and a.inspection.report_path != b.inspection.report_path
+    assert a.inspection.product == "bottle"
+    assert b.inspection.product == "screw"
+    assert a.folder != b.folder
+    assert a.inspection.report_path != b.inspection.report_path
 
 
 def test_batch_reports_every_file(service, uploads, tmp_path):
@@ -87,9 +93,11 @@ def test_batch_reports_every_file(service, uploads, tmp_path):
         service, [str(uploads["good"]), str(uploads["corrupt"]), str(uploads["bad"])], None, *SETTINGS
     )
     assert [row[0] for row in table] == ["good.png", "corrupt.png", "defect.png"]
-    assert table[1][1] == "error" and "corrupt.png" in table[1][6]
+    assert table[1][1] == "error"
+    assert "corrupt.png" in table[1][6]
     assert status == "2 of 3 images scored."
-    assert downloads[0].endswith("batch.csv") and downloads[1].endswith("batch.json")
+    assert downloads[0].endswith("batch.csv")
+    assert downloads[1].endswith("batch.json")
     assert len(gallery) == 3
 
 
@@ -113,7 +121,8 @@ def test_service_builds_scorers_with_the_profile_and_adapter(tmp_path):
 
     service = InspectorService(scorer="crane", backbone="random:tiny", profile="vlad")
     scorer = service.build_scorer(None, None, 0.5)
-    assert scorer.profile == "vlad" and scorer.layers == (1, 2, 3, 4)
+    assert scorer.profile == "vlad"
+    assert scorer.layers == (1, 2, 3, 4)
     assert "**profile** `vlad`" in service.status_markdown()
     assert InspectorService(scorer="crane", backbone="random:tiny").build_scorer(None, None, 0.5).profile == "paper"
     with pytest.raises(VladError, match="unknown profile 'exact'"):

@@ -19,16 +19,22 @@ def crane(tiny_backbone):
 
 def test_defaults(crane, tiny_backbone):
     assert crane.image_size == 96 == dense_image_size(tiny_backbone)  # 8x8 grid scaled by 37/24 -> 12x12
-    assert crane.layers == (1, 2, 3, 4) and crane.first_refined == 1
+    assert crane.layers == (1, 2, 3, 4)
+    assert crane.first_refined == 1
     assert crane.sigma == pytest.approx(4 * 96 / 518)
-    assert crane.pos_interpolation == "bicubic" and crane.soft_mean
+    assert crane.pos_interpolation == "bicubic"
+    assert crane.soft_mean
 
 
 def test_paper_profile_defaults(tiny_backbone):
     paper = CraneScorer(tiny_backbone)
-    assert paper.profile == "paper" and not paper.profile_explicit
-    assert paper.layers == (4,) and paper.first_refined == 1  # the reference's 6/12/18/24 taps all hold layer 24
-    assert paper.sigma == 4.0 and paper.pos_interpolation == "bilinear" and paper.soft_mean
+    assert paper.profile == "paper"
+    assert not paper.profile_explicit
+    assert paper.layers == (4,)
+    assert paper.first_refined == 1
+    assert paper.sigma == 4.0
+    assert paper.pos_interpolation == "bilinear"
+    assert paper.soft_mean
     assert not CraneScorer(tiny_backbone, dattn="random:dinov2-tiny").soft_mean  # Crane+: softmax of mean logits
     assert any("import-checkpoint --format crane" in w for w in paper.warnings())
     with pytest.raises(ConfigError, match="unknown profile 'papers'; allowed: paper, vlad"):
@@ -61,8 +67,10 @@ def test_local_to_global_image_score_formula(crane):
 def test_zero_shot_contract(crane, texture_set):
     image = texture_set["bad"][:90, :117]
     r = crane.score(image, "texture")
-    assert r.anomaly_map.shape == (90, 117) and np.isfinite(r.anomaly_map).all()
-    assert 0 < r.pred_score < 1 and r.scorer == "crane"
+    assert r.anomaly_map.shape == (90, 117)
+    assert np.isfinite(r.anomaly_map).all()
+    assert 0 < r.pred_score < 1
+    assert r.scorer == "crane"
     np.testing.assert_array_equal(r.anomaly_map, crane.score(image, "texture").anomaly_map)
     assert sum(reg.area for reg in r.regions) == int(r.pred_mask.sum())
 
@@ -74,7 +82,8 @@ def test_few_shot_localises_a_planted_defect(tiny_backbone, texture_set):
     assert roc_auc_score(mask.ravel(), result.anomaly_map.ravel()) > 0.85
     assert mask[np.unravel_index(result.anomaly_map.argmax(), mask.shape)]
     good = scorer.score(texture_set["good"], "texture")
-    assert result.pred_score > good.pred_score and result.threshold_source == "calibrated"
+    assert result.pred_score > good.pred_score
+    assert result.threshold_source == "calibrated"
 
 
 def test_crane_plus_dattn_adds_a_token_set(tiny_backbone, texture_set):
@@ -85,7 +94,8 @@ def test_crane_plus_dattn_adds_a_token_set(tiny_backbone, texture_set):
     assert feats["dattn"].shape == feats["layer4"].shape
     assert not torch.allclose(feats["dattn"], feats["layer4"], atol=1e-3)
     r = plus.score(texture_set["bad"], "texture")
-    assert r.anomaly_map.shape == (128, 128) and np.isfinite(r.anomaly_map).all()
+    assert r.anomaly_map.shape == (128, 128)
+    assert np.isfinite(r.anomaly_map).all()
 
 
 def test_learned_text_features_replace_prompts(tiny_backbone, texture_set):

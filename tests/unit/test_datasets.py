@@ -30,7 +30,7 @@ def _img(path: Path) -> Path:
     return path
 
 
-@pytest.fixture()
+@pytest.fixture
 def mvtec_root(tmp_path: Path) -> Path:
     root = tmp_path / "mvtec"
     for i in range(10):
@@ -52,7 +52,7 @@ def mvtec_root(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture()
+@pytest.fixture
 def visa_root(tmp_path: Path) -> Path:
     root = tmp_path / "visa"
     rows = ["object,split,label,image,mask"]
@@ -75,7 +75,7 @@ def visa_root(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture()
+@pytest.fixture
 def folder_root(tmp_path: Path) -> Path:
     root = tmp_path / "my_widget"
     _img(root / "good" / "g1.png")
@@ -147,8 +147,10 @@ def test_visa_test_split(visa_root: Path) -> None:
     samples = load_visa(visa_root, "pcb1")
     assert [s.label for s in samples] == [0, 1, 1]
     normal, bad = samples[0], samples[1]
-    assert normal.defect == "good" and normal.mask_path is None
-    assert bad.defect == "anomaly" and bad.mask_path == visa_root / "pcb1/Data/Masks/Anomaly/000.png"
+    assert normal.defect == "good"
+    assert normal.mask_path is None
+    assert bad.defect == "anomaly"
+    assert bad.mask_path == visa_root / "pcb1/Data/Masks/Anomaly/000.png"
     assert bad.path == visa_root / "pcb1/Data/Images/Anomaly/000.JPG"
     assert all(s.category == "pcb1" and s.split == "test" for s in samples)
 
@@ -156,7 +158,8 @@ def test_visa_test_split(visa_root: Path) -> None:
 def test_visa_train_and_dispatch(visa_root: Path) -> None:
     assert list_categories(visa_root, "visa") == ["candle", "pcb1"]
     train = load_dataset(visa_root, "visa", split="train")
-    assert len(train) == 8 and all(s.label == 0 for s in train)
+    assert len(train) == 8
+    assert all(s.label == 0 for s in train)
     assert [s.category for s in train] == ["candle"] * 4 + ["pcb1"] * 4
 
 
@@ -289,7 +292,8 @@ def test_reference_images_bad_k_and_category(mvtec_root: Path) -> None:
 
 def test_reference_images_other_layouts(visa_root: Path, folder_root: Path) -> None:
     visa = reference_images(visa_root, "visa", "pcb1", 2, seed=1)
-    assert len(visa) == 2 and all("Normal" in p.parts for p in visa)
+    assert len(visa) == 2
+    assert all("Normal" in p.parts for p in visa)
     folder = reference_images(folder_root, "folder", "my_widget", 3)
     assert sorted(p.name for p in folder) == ["t0.png", "t1.png", "t2.png"]
 

@@ -44,7 +44,8 @@ def test_refined_tokens_differ_per_layer_and_are_copies(tiny_backbone, batch):
     before = tokens[3].clone()
     tokens[0].mul_(0)
     torch.testing.assert_close(tokens[3], before)
-    assert out.grid == (8, 8) and tokens[0].shape == (2, 64, tiny_backbone.embed_dim)
+    assert out.grid == (8, 8)
+    assert tokens[0].shape == (2, 64, tiny_backbone.embed_dim)
 
 
 def test_vv_single_layer_closed_form(tiny_backbone, batch):

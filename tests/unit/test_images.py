@@ -46,7 +46,9 @@ def _load_array(path: Path) -> np.ndarray:
     im = load_image(path)
     assert im.mode == "RGB"
     arr = np.asarray(im)
-    assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
+    assert arr.dtype == np.uint8
+    assert arr.ndim == 3
+    assert arr.shape[2] == 3
     return arr
 
 
@@ -119,7 +121,9 @@ def test_decompression_bomb_rejected_from_header(tmp_path: Path, width: int, hei
     assert time.perf_counter() - start < 2.0
     assert peak < 5_000_000  # nothing near width * height bytes was allocated
     message = str(info.value)
-    assert "\n" not in message and "downscale" in message and f"{images.MAX_PIXELS:,}" in message
+    assert "\n" not in message
+    assert "downscale" in message
+    assert f"{images.MAX_PIXELS:,}" in message
     assert f"{width * height:,}" in message or str(width * height) in message
 
 
@@ -159,7 +163,8 @@ def test_mode_1_bilevel(tmp_path: Path) -> None:
     bits = np.zeros((8, 8), dtype=bool)
     bits[:, 4:] = True
     arr = _load_array(_save(Image.fromarray(bits), tmp_path / "one.png"))
-    assert (arr[:, :4] == 0).all() and (arr[:, 4:] == 255).all()
+    assert (arr[:, :4] == 0).all()
+    assert (arr[:, 4:] == 255).all()
 
 
 def test_mode_la_composited_on_black(tmp_path: Path) -> None:
@@ -168,7 +173,8 @@ def test_mode_la_composited_on_black(tmp_path: Path) -> None:
     la[:, :4, 1] = 255  # opaque left half
     la[:, 4:, 1] = 0  # transparent right half
     arr = _load_array(_save(Image.fromarray(la, "LA"), tmp_path / "la.png"))
-    assert (arr[:, :4] == 200).all() and (arr[:, 4:] == 0).all()
+    assert (arr[:, :4] == 200).all()
+    assert (arr[:, 4:] == 0).all()
 
 
 def test_mode_rgba_composited_on_black(tmp_path: Path) -> None:
@@ -197,7 +203,8 @@ def test_mode_p_with_transparency(tmp_path: Path) -> None:
     im.putpalette([0, 0, 0, 10, 200, 30, 255, 255, 255] + [0, 0, 0] * 253)
     im.info["transparency"] = 2
     arr = _load_array(_save(im, tmp_path / "pt.png", transparency=2))
-    assert (arr[:, :4] == (10, 200, 30)).all() and (arr[:, 4:] == 0).all()
+    assert (arr[:, :4] == (10, 200, 30)).all()
+    assert (arr[:, 4:] == 0).all()
 
 
 def test_mode_pa(tmp_path: Path) -> None:
@@ -207,7 +214,8 @@ def test_mode_pa(tmp_path: Path) -> None:
     im = Image.frombytes("PA", (8, 8), pa.tobytes())
     im.putpalette([0, 0, 0, 10, 200, 30] + [0, 0, 0] * 254)
     arr = _load_array(_save(im, tmp_path / "pa.tif"))
-    assert (arr[:, :4] == (10, 200, 30)).all() and (arr[:, 4:] == 0).all()
+    assert (arr[:, :4] == (10, 200, 30)).all()
+    assert (arr[:, 4:] == 0).all()
 
 
 def test_mode_cmyk(tmp_path: Path) -> None:
@@ -260,8 +268,10 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
     p = _save(Image.fromarray(arr), tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
     out = _load_array(p)
     assert out.shape == (40, 20, 3)  # width and height swapped
-    assert out[5, 10, 0] > 200 and out[5, 10, 2] < 60  # top is the former left (red)
-    assert out[35, 10, 2] > 200 and out[35, 10, 0] < 60  # bottom is the former right (blue)
+    assert out[5, 10, 0] > 200
+    assert out[5, 10, 2] < 60
+    assert out[35, 10, 2] > 200
+    assert out[35, 10, 0] < 60
 
 
 # --------------------------------------------------------------------------------------------------- masks
@@ -272,8 +282,10 @@ def test_load_mask_binarises(tmp_path: Path) -> None:
     m[4:12, 4:12] = 255
     m[0, 0] = 100  # below the threshold
     mask = load_mask(_save(Image.fromarray(m), tmp_path / "m.png"))
-    assert mask.dtype == bool and mask.shape == (16, 16)
-    assert mask.sum() == 64 and not mask[0, 0]
+    assert mask.dtype == bool
+    assert mask.shape == (16, 16)
+    assert mask.sum() == 64
+    assert not mask[0, 0]
 
 
 def test_load_mask_resize_takes_width_height(tmp_path: Path) -> None:
@@ -281,7 +293,8 @@ def test_load_mask_resize_takes_width_height(tmp_path: Path) -> None:
     m[:, 16:] = 255
     mask = load_mask(_save(Image.fromarray(m), tmp_path / "m.png"), size=(8, 4))
     assert mask.shape == (4, 8)
-    assert mask[:, 4:].all() and not mask[:, :4].any()
+    assert mask[:, 4:].all()
+    assert not mask[:, :4].any()
 
 
 def test_load_mask_label_style_values(tmp_path: Path) -> None:
@@ -312,7 +325,7 @@ def test_load_mask_errors(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------- expand_inputs
 
 
-@pytest.fixture()
+@pytest.fixture
 def image_tree(tmp_path: Path) -> Path:
     root = tmp_path / "imgs"
     for rel in ["b.png", "a.jpg", "sub/c.JPG", "sub/deeper/d.tiff", ".hidden.png", ".cache/e.png"]:
@@ -356,4 +369,5 @@ def test_expand_keeps_explicit_non_image_file_and_order_and_dedupes(image_tree: 
 
 def test_expand_single_string(image_tree: Path) -> None:
     files, problems = expand_inputs(str(image_tree / "b.png"))
-    assert files == [image_tree / "b.png"] and problems == []
+    assert files == [image_tree / "b.png"]
+    assert problems == []

@@ -58,7 +58,7 @@ def brute_force_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.
         xs.append((predicted & negatives).sum() / negatives.sum())
         ys.append(float(np.mean([(predicted & region).sum() / region.sum() for region in regions])))
     area = 0.0
-    for x0, y0, x1, y1 in zip(xs[:-1], ys[:-1], xs[1:], ys[1:]):
+    for x0, y0, x1, y1 in zip(xs[:-1], ys[:-1], xs[1:], ys[1:], strict=True):
         if x1 <= fpr_limit:
             area += (x1 - x0) * (y0 + y1) / 2
         elif x0 < fpr_limit:
@@ -79,7 +79,7 @@ def cflow_pro_score(masks: np.ndarray, amaps: np.ndarray, max_step: int = 200, e
     for th in np.arange(min_th, max_th, delta):
         binary_amaps[amaps <= th], binary_amaps[amaps > th] = 0, 1
         pro = []
-        for binary_amap, mask in zip(binary_amaps, masks):
+        for binary_amap, mask in zip(binary_amaps, masks, strict=True):
             labelled, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
             for region_id in range(1, count + 1):
                 coords = np.argwhere(labelled == region_id)
@@ -319,7 +319,8 @@ def test_aupro_legacy_is_close_to_exact_on_a_smooth_case_but_not_identical() -> 
     masks[3, 5:12, 30:44] = True
     maps = ndimage.gaussian_filter(masks.astype(float), sigma=(0, 3, 3)) + 0.4 * rng.random(masks.shape)
     exact, legacy = aupro(maps, masks), aupro_legacy(maps, masks)
-    assert 0.0 <= legacy <= 1.0 and 0.0 <= exact <= 1.0
+    assert 0.0 <= legacy <= 1.0
+    assert 0.0 <= exact <= 1.0
     assert legacy == pytest.approx(exact, abs=0.05)
     assert legacy != exact
     assert legacy == pytest.approx(cflow_pro_score(masks, maps), abs=1e-12)
@@ -357,7 +358,8 @@ def test_compute_image_metrics_single_class_gives_nan() -> None:
     assert all(math.isnan(value) for value in normal_only.values())
     anomalous_only = compute_image_metrics([0.1, 0.2, 0.3], [1, 1, 1])
     assert math.isnan(anomalous_only["image_auroc"])
-    assert anomalous_only["image_ap"] == 1.0 and anomalous_only["image_f1max"] == 1.0
+    assert anomalous_only["image_ap"] == 1.0
+    assert anomalous_only["image_f1max"] == 1.0
     with pytest.raises(ValueError, match="same length"):
         compute_image_metrics([0.1, 0.2], [0, 0, 1])  # malformed input still raises
 
@@ -383,8 +385,10 @@ def test_compute_pixel_metrics_without_defects_gives_nan() -> None:
     assert set(metrics) == {"pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "pixel_aupro_legacy"}
     assert all(math.isnan(value) for value in metrics.values())
     all_defect = compute_pixel_metrics(maps, np.ones((2, 8, 8), dtype=bool))
-    assert math.isnan(all_defect["pixel_auroc"]) and math.isnan(all_defect["pixel_aupro"])
-    assert math.isnan(all_defect["pixel_aupro_legacy"]) and all_defect["pixel_ap"] == 1.0
+    assert math.isnan(all_defect["pixel_auroc"])
+    assert math.isnan(all_defect["pixel_aupro"])
+    assert math.isnan(all_defect["pixel_aupro_legacy"])
+    assert all_defect["pixel_ap"] == 1.0
 
 
 def test_compute_metrics_combines_both_levels() -> None:
@@ -405,7 +409,8 @@ def test_compute_metrics_combines_both_levels() -> None:
 def test_compute_metrics_single_class_images_give_nan_not_error() -> None:
     maps, masks = random_case(4, decimals=2)
     metrics = compute_metrics(np.arange(4.0), np.zeros(4), maps, masks)
-    assert math.isnan(metrics["image_auroc"]) and math.isnan(metrics["image_ap"])
+    assert math.isnan(metrics["image_auroc"])
+    assert math.isnan(metrics["image_ap"])
     assert not math.isnan(metrics["pixel_aupro"])
 
 
@@ -434,7 +439,8 @@ def test_binarize_mask() -> None:
     np.testing.assert_array_equal(binarize_mask(uint8, threshold=0.01), [[False, True, True, True]])
     bool_mask = np.array([True, False])
     result = binarize_mask(bool_mask)
-    assert result.dtype == np.bool_ and result is not bool_mask
+    assert result.dtype == np.bool_
+    assert result is not bool_mask
     for bad in (0, 1, 1.5, -0.2):
         with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1\)"):
             binarize_mask(uint8, threshold=bad)

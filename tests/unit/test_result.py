@@ -23,13 +23,17 @@ def _result(**overrides):
 
 def test_result_normalises_types_and_serialises():
     r = _result(anomaly_map=np.ones((4, 6), np.float64), pred_mask=np.ones((4, 6), np.uint8), pred_label=np.bool_(1))
-    assert r.anomaly_map.dtype == np.float32 and r.pred_mask.dtype == np.bool_ and r.pred_label is True
-    assert r.image_size == (6, 4) and r.verdict == "anomalous"
+    assert r.anomaly_map.dtype == np.float32
+    assert r.pred_mask.dtype == np.bool_
+    assert r.pred_label is True
+    assert r.image_size == (6, 4)
+    assert r.verdict == "anomalous"
     r = r.replace(rule_hits=[RuleHit("scratches are fine", "region suppressed")],
                   explanation=Explanation("a crack", "template"))  # fmt: skip
     d = json.loads(json.dumps(r.to_dict()))
     assert d["rule_hits"] == [{"rule": "scratches are fine", "effect": "region suppressed", "detail": {}}]
-    assert d["explanation"]["text"] == "a crack" and "anomaly_map" not in d
+    assert d["explanation"]["text"] == "a crack"
+    assert "anomaly_map" not in d
     assert len(r.to_dict(include_arrays=True)["anomaly_map"]) == 4
 
 
@@ -89,7 +93,8 @@ def test_detector_api_end_to_end(texture_set, tmp_path):
 
     det = vlad.Detector("winclip", backbone="random:tiny", device="cpu", object_name="texture")
     r = det.detect(texture_set["bad"])
-    assert r.anomaly_map.shape == (128, 128) and r.threshold_source == "default"
+    assert r.anomaly_map.shape == (128, 128)
+    assert r.threshold_source == "default"
     det.fit(texture_set["refs"][:3])
     r2 = det.detect_many([texture_set["bad"], texture_set["good"]])
     assert [x.threshold_source for x in r2] == ["calibrated", "calibrated"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 import pytest
+from scipy import ndimage
 
 from vlad.scorers import list_scorers, scorer_class
 
@@ -32,14 +32,17 @@ def test_result_contract(name, tiny_backbone, texture_set):
     for image, r, r2 in zip(images, first, again, strict=True):
         assert r.scorer == name
         assert r.anomaly_map.shape == image.shape[:2]
-        assert r.anomaly_map.dtype == np.float32 and np.isfinite(r.anomaly_map).all()
+        assert r.anomaly_map.dtype == np.float32
+        assert np.isfinite(r.anomaly_map).all()
         np.testing.assert_array_equal(r.anomaly_map, r2.anomaly_map)  # deterministic
         assert r.pred_score == r2.pred_score
         assert 0.0 <= r.normalized_score <= 1.0
         np.testing.assert_array_equal(r.pred_mask, r.anomaly_map >= r.pixel_threshold)
         assert sum(reg.area for reg in r.regions) == int(r.pred_mask.sum())
         labels, n = ndimage.label(r.pred_mask, structure=np.ones((3, 3)))
-        components = {(int((labels == i).sum()), round(float(r.anomaly_map[labels == i].max()), 6)) for i in range(1, n + 1)}
+        components = {
+            (int((labels == i).sum()), round(float(r.anomaly_map[labels == i].max()), 6)) for i in range(1, n + 1)
+        }
         for reg in r.regions:  # each region is one 8-connected component: its area and its own peak
             x0, y0, x1, y1 = reg.bbox
             assert r.pred_mask[y0:y1, x0:x1].sum() >= reg.area

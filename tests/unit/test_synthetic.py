@@ -31,8 +31,10 @@ def _rng(seed: int = 0) -> np.random.Generator:
 @pytest.mark.parametrize(("shape", "res"), [((64, 64), (4, 4)), ((50, 37), (3, 5)), ((17, 90), (1, 8))])
 def test_perlin_noise_shape_and_range(shape: tuple[int, int], res: tuple[int, int]) -> None:
     noise = perlin_noise(shape, res, _rng())
-    assert noise.shape == shape and noise.dtype == np.float64
-    assert noise.min() >= -1.0 and noise.max() <= 1.0
+    assert noise.shape == shape
+    assert noise.dtype == np.float64
+    assert noise.min() >= -1.0
+    assert noise.max() <= 1.0
     assert noise.std() > 0.05  # not degenerate
 
 
@@ -54,7 +56,8 @@ def test_perlin_mask_area_bounds() -> None:
     rng = _rng(1)
     for _ in range(40):
         mask = perlin_mask((64, 48), rng, min_area_fraction=0.01, max_area_fraction=0.2)
-        assert mask.dtype == bool and mask.shape == (64, 48)
+        assert mask.dtype == bool
+        assert mask.shape == (64, 48)
         assert 0.01 <= mask.mean() <= 0.2
 
 
@@ -83,7 +86,8 @@ def test_perlin_mask_bad_options() -> None:
 @pytest.mark.parametrize("kind", TEXTURE_KINDS)
 def test_make_texture(kind: str) -> None:
     tex = make_texture(48, _rng(0), kind)
-    assert tex.shape == (48, 48, 3) and tex.dtype == np.uint8
+    assert tex.shape == (48, 48, 3)
+    assert tex.dtype == np.uint8
     assert tex.std() > 2.0
     np.testing.assert_array_equal(tex, make_texture(48, _rng(0), kind))
     other = make_texture(48, _rng(1), kind)
@@ -106,8 +110,11 @@ def test_make_texture_bad_args() -> None:
 def test_anomaly_changes_only_inside_mask(mode: str) -> None:
     image = make_texture(64, _rng(0), "stripes")
     out, mask = synthesize_anomaly(image, _rng(1), mode=mode)
-    assert out.shape == image.shape and out.dtype == np.uint8
-    assert mask.dtype == bool and mask.shape == (64, 64) and mask.any()
+    assert out.shape == image.shape
+    assert out.dtype == np.uint8
+    assert mask.dtype == bool
+    assert mask.shape == (64, 64)
+    assert mask.any()
     np.testing.assert_array_equal(out[~mask], image[~mask])
     diff = np.abs(out.astype(int) - image.astype(int)).sum(axis=-1)
     assert (diff[mask] > 0).mean() > 0.9
@@ -167,7 +174,8 @@ def test_synthetic_dataset_loads_as_mvtec(tmp_path: Path) -> None:
         if s.label == 1:
             assert s.mask_path is not None
             mask = load_mask(s.mask_path)
-            assert mask.shape == (32, 32) and 0.02 <= mask.mean() <= 0.25
+            assert mask.shape == (32, 32)
+            assert 0.02 <= mask.mean() <= 0.25
 
 
 def test_synthetic_dataset_deterministic(tmp_path: Path) -> None:
@@ -175,7 +183,8 @@ def test_synthetic_dataset_deterministic(tmp_path: Path) -> None:
     a = make_synthetic_dataset(tmp_path / "a", "c", **kwargs)
     b = make_synthetic_dataset(tmp_path / "b", "c", **kwargs)
     files_a = sorted(p.relative_to(a) for p in a.rglob("*.png"))
-    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.png")) and len(files_a) == 6
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+    assert len(files_a) == 6
     for rel in files_a:
         assert (a / rel).read_bytes() == (b / rel).read_bytes()
 

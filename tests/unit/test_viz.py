@@ -47,9 +47,14 @@ def test_jet_exact_at_segment_knots(value: float, channel: int, expected: int) -
 
 def test_jet_named_colours() -> None:
     blue, cyan, yellow = (tuple(int(c) for c in jet_colormap(np.array(v))) for v in (0.2, 0.36, 0.65))
-    assert blue[2] == 255 and blue[0] == 0  # blue dominates
-    assert cyan[1] > 220 and cyan[2] > 220 and cyan[0] < 10
-    assert yellow[0] > 220 and yellow[1] > 220 and yellow[2] < 10
+    assert blue[2] == 255
+    assert blue[0] == 0
+    assert cyan[1] > 220
+    assert cyan[2] > 220
+    assert cyan[0] < 10
+    assert yellow[0] > 220
+    assert yellow[1] > 220
+    assert yellow[2] < 10
 
 
 def test_jet_hue_decreases_from_blue_to_red() -> None:
@@ -153,7 +158,8 @@ def test_overlay_contour_width_two_thickens_around_boundary() -> None:
     near[12:28, 12:28] = False
     assert not red[~near].any()  # nothing red further than one pixel from the boundary
     assert not red[12:28, 12:28].any()
-    assert red[9, 20] and red[11, 20]  # one pixel outside and inside
+    assert red[9, 20]
+    assert red[11, 20]
 
 
 def test_overlay_contour_on_image_edge_and_custom_colour() -> None:
@@ -161,7 +167,9 @@ def test_overlay_contour_on_image_edge_and_custom_colour() -> None:
     mask[:4, :4] = True
     out = np.asarray(overlay(_grey(10, 10), np.zeros((10, 10)), mask, contour_color=(0, 255, 0), contour_width=1))
     green = np.all(out == (0, 255, 0), axis=-1)
-    assert green[0, 0] and green[0, 2] and green[3, 3]
+    assert green[0, 0]
+    assert green[0, 2]
+    assert green[3, 3]
     assert not green[1, 1]
 
 

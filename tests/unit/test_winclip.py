@@ -56,22 +56,26 @@ def test_zero_shot_result_contract(scorer, texture_set):
     r1 = scorer.score(image, "texture")
     r2 = scorer.score(image, "texture")
     assert r1.anomaly_map.shape == (100, 77)
-    assert r1.anomaly_map.dtype == np.float32 and np.isfinite(r1.anomaly_map).all()
+    assert r1.anomaly_map.dtype == np.float32
+    assert np.isfinite(r1.anomaly_map).all()
     assert 0.0 < r1.pred_score < 1.0
     np.testing.assert_array_equal(r1.anomaly_map, r2.anomaly_map)  # deterministic
-    assert r1.threshold == pytest.approx(0.5) and r1.threshold_source == "default"
+    assert r1.threshold == pytest.approx(0.5)
+    assert r1.threshold_source == "default"
     assert r1.normalized_score == pytest.approx(r1.pred_score)  # default: t=0.5, scale=1
     np.testing.assert_array_equal(r1.pred_mask, r1.anomaly_map >= r1.pixel_threshold)
     assert sum(reg.area for reg in r1.regions) == int(r1.pred_mask.sum())
     assert any("random weights" in w for w in r1.warnings)
-    assert r1.scorer == "winclip" and r1.backbone == "random:tiny"
+    assert r1.scorer == "winclip"
+    assert r1.backbone == "random:tiny"
 
 
 def test_zero_shot_map_is_harmonic_mean_with_image_score(scorer, texture_set):
     """Where every window scores like the image, the map equals the image score; in general it lies between the
     smallest and largest of the three scale maps."""
     r = scorer.score(texture_set["good"], "texture")
-    assert r.anomaly_map.min() > 0 and r.anomaly_map.max() < 1
+    assert r.anomaly_map.min() > 0
+    assert r.anomaly_map.max() < 1
 
 
 def test_few_shot_localises_a_planted_defect(tiny_backbone, texture_set):
@@ -86,7 +90,8 @@ def test_few_shot_localises_a_planted_defect(tiny_backbone, texture_set):
     good = scorer.score(texture_set["good"], "texture")
     assert result.pred_score > good.pred_score
     assert result.threshold_source == "calibrated"
-    assert result.pred_label and not good.pred_label
+    assert result.pred_label
+    assert not good.pred_label
 
 
 def test_calibration_thresholds_and_sensitivity(tiny_backbone, texture_set):
@@ -110,7 +115,8 @@ def test_calibration_thresholds_and_sensitivity(tiny_backbone, texture_set):
 
 def test_clear_references_returns_to_zero_shot(tiny_backbone, texture_set):
     s = WinClipScorer(tiny_backbone).fit(texture_set["refs"])
-    assert s.few_shot and s.n_references == 6
+    assert s.few_shot
+    assert s.n_references == 6
     s.clear_references()
     assert not s.few_shot
     assert s.score(texture_set["good"], "texture").threshold_source == "default"

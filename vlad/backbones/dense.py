@@ -126,7 +126,8 @@ def dense_forward(
         first_refined: first block with the refined stream; default: the last 19 blocks.
         keep_values: also return the last block's value vectors (for D-Attn): ``True`` / ``"input"`` from the block's
             input, ``"mid"`` from the original stream after its attention residual (Crane's reference).
-        pos_interpolation: how the positional embedding is re-gridded (see :data:`vlad.backbones.clip.POS_INTERPOLATIONS`).
+        pos_interpolation: how the positional embedding is re-gridded
+            (see :data:`vlad.backbones.clip.POS_INTERPOLATIONS`).
     """
     parts = check_attention(attention)
     n = backbone.num_layers

@@ -14,7 +14,7 @@ from typing import Any
 
 from vlad.errors import ConfigError
 from vlad.rules.parse import EMPTY_RULES_MESSAGE, ParseReport, parse_deterministic, report_from_ruleset, split_clauses
-from vlad.rules.schema import RULE_FILE_SUFFIXES, RuleSet, load_rules
+from vlad.rules.schema import RULE_FILE_SUFFIXES, RuleSet, load_rules, read_rules_text
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +75,7 @@ def read_rules_arg(value: str | Sequence[str], *, lvlm: Any = None, timeout: flo
         suffix = path.suffix.lower()
         if suffix in RULE_FILE_SUFFIXES:
             return report_from_ruleset(load_rules(path), source=str(path))
-        if not path.is_file():
-            raise ConfigError(f"rules file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read rules file {path}: {exc}") from exc
-        return parse_rules(text, lvlm=lvlm, timeout=timeout)
+        return parse_rules(read_rules_text(path), lvlm=lvlm, timeout=timeout)
     return parse_rules("\n".join(items), lvlm=lvlm, timeout=timeout)
 
 

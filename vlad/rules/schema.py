@@ -449,16 +449,20 @@ def _write(path: str | Path, data: dict[str, Any]) -> Path:
     return out
 
 
-def _read(path: str | Path) -> Any:
-    file = Path(path)
-    _check_suffix(file)
+def read_rules_text(file: Path) -> str:
+    """The text of a rules file; a missing or unreadable file is a one-line ConfigError."""
     if not file.is_file():
         raise ConfigError(f"rules file {file} does not exist")
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read rules file {file}: {exc}") from exc
-    return _load_yaml(text, str(file))
+
+
+def _read(path: str | Path) -> Any:
+    file = Path(path)
+    _check_suffix(file)
+    return _load_yaml(read_rules_text(file), str(file))
 
 
 def _load_yaml(text: str, where: str) -> Any:

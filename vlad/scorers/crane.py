@@ -127,8 +127,9 @@ class CraneScorer(Scorer):
     def warnings(self) -> tuple[str, ...]:
         out = super().warnings()
         if self.paper and self._text_override is None and self.checkpoint_format:
+            hint = f"vlad import-checkpoint --format {self.checkpoint_format}"
             out += (f"{self.name} runs the paper profile with training-free prompts: the published numbers need the "
-                    f"released learned prompts (vlad import-checkpoint --format {self.checkpoint_format})",)  # fmt: skip
+                    f"released learned prompts ({hint})",)  # fmt: skip
         return out
 
     checkpoint_format: str | None = "crane"  # which official release carries this scorer's learned prompts
@@ -195,7 +196,9 @@ class CraneScorer(Scorer):
             return torch.softmax(logits, dim=-1)[..., 1].mean(0)
         return torch.softmax(logits.mean(0), dim=-1)[..., 1]
 
-    def _image_score(self, feats: Features, text: torch.Tensor, logits: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    def _image_score(
+        self, feats: Features, text: torch.Tensor, logits: torch.Tensor, maps: torch.Tensor
+    ) -> torch.Tensor:
         """(B,) Crane's local-to-global score: anomaly-weighted patch features fused 50/50 with the global one."""
         weights = torch.softmax(logits.mean(0), dim=-1)[..., 1]  # (B, N)
         local = F.normalize((weights[..., None] * torch.stack(self._token_sets(feats)).mean(0)).sum(1), dim=-1)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from vlad.backbones import WINCLIP_BACKBONE
 from vlad.backbones.clip import ClipBackbone
 from vlad.errors import ConfigError
-from vlad.scorers._text import PromptEnsemble
 from vlad.scorers._ops import upsample
+from vlad.scorers._text import PromptEnsemble
 from vlad.scorers.base import Features, Scorer
 
 TEMPERATURE = 0.07
