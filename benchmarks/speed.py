@@ -63,8 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--refs", type=int, default=0, help="number of (random) normal references: few-shot mode")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra scorer option, e.g. --set detector=none (values parsed as JSON when possible)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra scorer option, e.g. --set detector=none (values parsed as JSON when possible)",
+    )
     args = p.parse_args(argv)
 
     import numpy as np
@@ -77,8 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
     extra = _options(args.set)
     if args.scorer == "filo":
         extra.setdefault("detector", "none")  # the detector's cost is not the scorer's; measure it separately
-    scorer = get_scorer(args.scorer, backbone=args.backbone, device=args.device, precision=args.precision,
-                        image_size=args.size, batch_size=args.batch, **extra)  # fmt: skip
+    scorer = get_scorer(
+        args.scorer,
+        backbone=args.backbone,
+        device=args.device,
+        precision=args.precision,
+        image_size=args.size,
+        batch_size=args.batch,
+        **extra,
+    )
     if args.scorer == "laft" or scorer.transductive:
         args.refs = max(args.refs, 2)  # laft needs references; musc needs other batch members
     rng = np.random.default_rng(0)

@@ -139,13 +139,16 @@ class AdapterMetadata:
         if self.method not in METHODS:
             raise ConfigError(f"{source}: unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
         if self.format_version not in READABLE_VERSIONS:
-            raise ConfigError(f"{source}: format_version {self.format_version} unsupported; this vlad reads "
-                              f"{', '.join(map(str, READABLE_VERSIONS))}")  # fmt: skip
+            raise ConfigError(
+                f"{source}: format_version {self.format_version} unsupported; this vlad reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
+            )
         if self.deep_prompts is not None and (
             self.method != "crane-prompts" or not {"depth", "n_ctx"} <= set(self.deep_prompts)
         ):
-            raise ConfigError(f"{source}: deep_prompts needs method crane-prompts and keys depth, n_ctx; got "
-                              f"{self.deep_prompts!r}")  # fmt: skip
+            raise ConfigError(
+                f"{source}: deep_prompts needs method crane-prompts and keys depth, n_ctx; got {self.deep_prompts!r}"
+            )
         if self.profile not in (None, "paper", "vlad"):
             raise ConfigError(f"{source}: profile must be paper, vlad or null, got {self.profile!r}")
         if self.method == "crane-prompts" and (self.n_ctx is None or self.n_ctx < 1):
@@ -157,12 +160,28 @@ class AdapterMetadata:
 
 
 _KINDS: dict[str, tuple[type, ...]] = {
-    "method": (str,), "backbone": (str,), "layers": (list,), "attention": (str,), "first_refined": (int,),
-    "image_size": (int,), "prompts": (dict,), "training_data": (dict,), "epochs": (int,), "date": (str,),
-    "n_ctx": (int, type(None)), "lora": (dict, type(None)), "seed": (int,), "lr": (int, float),
-    "batch_size": (int,), "loss_history": (list,), "vlad_version": (str,), "format_version": (int,),
-    "deep_prompts": (dict, type(None)), "provenance": (dict, type(None)), "profile": (str, type(None)),
-}  # fmt: skip
+    "method": (str,),
+    "backbone": (str,),
+    "layers": (list,),
+    "attention": (str,),
+    "first_refined": (int,),
+    "image_size": (int,),
+    "prompts": (dict,),
+    "training_data": (dict,),
+    "epochs": (int,),
+    "date": (str,),
+    "n_ctx": (int, type(None)),
+    "lora": (dict, type(None)),
+    "seed": (int,),
+    "lr": (int, float),
+    "batch_size": (int,),
+    "loss_history": (list,),
+    "vlad_version": (str,),
+    "format_version": (int,),
+    "deep_prompts": (dict, type(None)),
+    "provenance": (dict, type(None)),
+    "profile": (str, type(None)),
+}
 
 
 def _check_kind(key: str, value: Any, source: str) -> None:
@@ -174,8 +193,9 @@ def _check_kind(key: str, value: Any, source: str) -> None:
         ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
     if not ok:
         names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-        raise ConfigError(f"{source}: key {key!r} must be {names}{' of numbers' if kinds == (list,) else ''}, "
-                          f"got {value!r}")  # fmt: skip
+        raise ConfigError(
+            f"{source}: key {key!r} must be {names}{' of numbers' if kinds == (list,) else ''}, got {value!r}"
+        )
 
 
 @dataclass
@@ -232,8 +252,10 @@ def resolve_adapter(name_or_path: str | Path) -> Path:
         path = path.parent
     if (path / METADATA_FILE).is_file():
         return path
-    raise ConfigError(f"adapter {text!r} not found: not a bundled adapter (available: {available_adapters()}) and "
-                      f"not a folder with {METADATA_FILE}")  # fmt: skip
+    raise ConfigError(
+        f"adapter {text!r} not found: not a bundled adapter (available: {available_adapters()}) and "
+        f"not a folder with {METADATA_FILE}"
+    )
 
 
 def read_metadata(folder: str | Path) -> AdapterMetadata:
@@ -297,17 +319,21 @@ def _check_tensors(meta: AdapterMetadata, tensors: dict[str, Any], source: str) 
         depth = int(meta.deep_prompts["depth"]) if meta.deep_prompts else 1
         expected_deep = [f"{DEEP_PREFIX}{i}" for i in range(depth - 1)]
         if set(tensors) - set(deep) != set(PROMPT_KEYS) or sorted(deep) != sorted(expected_deep):
-            raise ConfigError(f"adapter {source}: prompt weights must be {list(PROMPT_KEYS) + expected_deep}, got "
-                              f"{sorted(tensors)}")  # fmt: skip
+            raise ConfigError(
+                f"adapter {source}: prompt weights must be {list(PROMPT_KEYS) + expected_deep}, got {sorted(tensors)}"
+            )
         shapes = {tuple(tensors[k].shape) for k in PROMPT_KEYS}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != meta.n_ctx:
-            raise ConfigError(f"adapter {source}: ctx_pos/ctx_neg must both be (n_ctx={meta.n_ctx}, width), got "
-                              f"{sorted(shapes)}")  # fmt: skip
+            raise ConfigError(
+                f"adapter {source}: ctx_pos/ctx_neg must both be (n_ctx={meta.n_ctx}, width), got {sorted(shapes)}"
+            )
         width = next(iter(shapes))[1]
         bad = [k for k in deep if tuple(tensors[k].shape) != (int(meta.deep_prompts["n_ctx"]), width)]  # type: ignore[index]
         if bad:
-            raise ConfigError(f"adapter {source}: deep prompts {bad} must be (n_ctx={meta.deep_prompts['n_ctx']}, "  # type: ignore[index]
-                              f"{width})")  # fmt: skip
+            raise ConfigError(
+                f"adapter {source}: deep prompts {bad} must be (n_ctx={meta.deep_prompts['n_ctx']}, "  # type: ignore[index]
+                f"{width})"
+            )
     elif not tensors or any("lora_" not in k for k in tensors):
         raise ConfigError(f"adapter {source}: LoRA weights must be non-empty peft lora_A/lora_B tensors")
 
@@ -373,17 +399,29 @@ def _apply_prompts(scorer: Scorer, adapter: Adapter) -> None:
     from vlad.scorers.crane import CraneScorer
 
     if not isinstance(scorer, CraneScorer):
-        raise ConfigError(f"crane-prompts adapter {adapter.name} needs a Crane-family scorer (crane, filo, "
-                          f"anomalyclip), got {scorer.name!r}")  # fmt: skip
+        raise ConfigError(
+            f"crane-prompts adapter {adapter.name} needs a Crane-family scorer (crane, filo, "
+            f"anomalyclip), got {scorer.name!r}"
+        )
     meta = adapter.metadata
     if meta.profile and meta.profile != scorer.profile:
-        logger.warning("adapter %s was made for the %s profile; scorer %s runs the %s profile (chosen explicitly)",
-                       adapter.name, meta.profile, scorer.name, scorer.profile)  # fmt: skip
+        logger.warning(
+            "adapter %s was made for the %s profile; scorer %s runs the %s profile (chosen explicitly)",
+            adapter.name,
+            meta.profile,
+            scorer.name,
+            scorer.profile,
+        )
     if (tuple(scorer.layers), scorer.attention) != (meta.layers, meta.attention):
         logger.warning(
             "adapter %s was trained with layers %s and %s attention; scorer %s uses %s and %s",
-            adapter.name, meta.layers, meta.attention, scorer.name, scorer.layers, scorer.attention,
-        )  # fmt: skip
+            adapter.name,
+            meta.layers,
+            meta.attention,
+            scorer.name,
+            scorer.layers,
+            scorer.attention,
+        )
     learner = PromptLearner.from_adapter(scorer.backbone, adapter)
     with torch.no_grad():
         scorer.set_text_features(learner())
@@ -391,8 +429,10 @@ def _apply_prompts(scorer: Scorer, adapter: Adapter) -> None:
 
 def _apply_lora(scorer: Scorer, adapter: Adapter) -> None:
     if scorer.few_shot:
-        raise ConfigError(f"apply LoRA adapter {adapter.name} before fit(): the {scorer.n_references} reference "
-                          f"features were computed without it")  # fmt: skip
+        raise ConfigError(
+            f"apply LoRA adapter {adapter.name} before fit(): the {scorer.n_references} reference "
+            f"features were computed without it"
+        )
     if any("lora_" in name for name, _ in scorer.backbone.model.named_parameters()):
         raise ConfigError(f"cannot apply LoRA adapter {adapter.name}: scorer {scorer.name!r} already has one")
     scorer.backbone = lora_backbone(scorer.backbone, adapter.metadata.lora or {}, adapter.tensors, adapter.name)
@@ -429,8 +469,15 @@ def lora_backbone(
         raise ConfigError(f"LoRA adapter {name}: cannot inject into {base.spec}: {exc}") from exc
     if tensors is not None:
         _load_lora_state(peft, model, tensors, name, base.spec)
-    backbone = ClipBackbone(model=model, tokenizer=base.tokenizer, spec=base.spec, device=base.device, dtype=base.dtype,
-                            is_random=base.is_random, _text_cache=base._text_cache)  # fmt: skip
+    backbone = ClipBackbone(
+        model=model,
+        tokenizer=base.tokenizer,
+        spec=base.spec,
+        device=base.device,
+        dtype=base.dtype,
+        is_random=base.is_random,
+        _text_cache=base._text_cache,
+    )
     return backbone
 
 

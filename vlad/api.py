@@ -76,8 +76,9 @@ class Detector:
         from vlad.rules import load_rules_arg, score_with_rules
 
         ruleset = load_rules_arg(rules)
-        return score_with_rules(self.scorer, images, ruleset, object_name=name, detector=self.detector,
-                                references=self.references or None)  # fmt: skip
+        return score_with_rules(
+            self.scorer, images, ruleset, object_name=name, detector=self.detector, references=self.references or None
+        )
 
     @staticmethod
     def overlay(result: AnomalyResult, image: ImageLike) -> Image.Image:

@@ -31,9 +31,15 @@ FORMATS: dict[str, dict[str, Any]] = {
     "anomalyclip": {"scorer": "anomalyclip", "attention": "vv", "ignored": ("compound_prompt_projections.",)},
 }
 REQUIRED_KEYS = (
-    "ctx_pos", "ctx_neg", "token_prefix_pos", "token_suffix_pos", "token_prefix_neg", "token_suffix_neg",
-    "tokenized_prompts_pos", "tokenized_prompts_neg",
-)  # fmt: skip
+    "ctx_pos",
+    "ctx_neg",
+    "token_prefix_pos",
+    "token_suffix_pos",
+    "token_prefix_neg",
+    "token_suffix_neg",
+    "tokenized_prompts_pos",
+    "tokenized_prompts_neg",
+)
 DEEP_KEY = re.compile(r"compound_prompts_text\.(\d+)$")
 EMBEDDING_TOLERANCE = 1e-4
 """Max |difference| between stored and recomputed token embeddings (the same weights give 0; another CLIP ~1e-2)."""
@@ -100,8 +106,9 @@ def _read_state(path: Path) -> dict[str, Any]:
         obj = obj["prompt_learner"]
     if not isinstance(obj, dict) or "ctx_pos" not in obj:
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ConfigError(f"{path} holds no prompt-learner state dict ('prompt_learner' with ctx_pos, ctx_neg, ...); "
-                          f"found {keys}")  # fmt: skip
+        raise ConfigError(
+            f"{path} holds no prompt-learner state dict ('prompt_learner' with ctx_pos, ctx_neg, ...); found {keys}"
+        )
     bad = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
     if bad:
         raise ConfigError(f"{path}: entries {bad} are not tensors")
@@ -119,12 +126,16 @@ def _split_state(state: dict[str, Any], path: Path, fmt: str, spec: dict[str, An
     if missing:
         raise ConfigError(f"{path}: missing key(s) {missing} for a {fmt} checkpoint")
     if unexpected:
-        hint = "; is it an AnomalyCLIP checkpoint? use --format anomalyclip" if any(
-            k.startswith("compound_prompt_projections.") for k in unexpected) else ""  # fmt: skip
+        hint = (
+            "; is it an AnomalyCLIP checkpoint? use --format anomalyclip"
+            if any(k.startswith("compound_prompt_projections.") for k in unexpected)
+            else ""
+        )
         raise ConfigError(f"{path}: unexpected key(s) {unexpected[:6]} for a {fmt} checkpoint{hint}")
     if deep_idx != list(range(len(deep_idx))):
-        raise ConfigError(f"{path}: deep prompts compound_prompts_text.N must be numbered 0..{len(deep_idx) - 1}, got "
-                          f"{deep_idx}")  # fmt: skip
+        raise ConfigError(
+            f"{path}: deep prompts compound_prompts_text.N must be numbered 0..{len(deep_idx) - 1}, got {deep_idx}"
+        )
     ctx = []
     for key in ("ctx_pos", "ctx_neg"):
         t = state[key]
@@ -153,8 +164,10 @@ def _check_fit(clip: Any, ctx: Any, deep: list[Any], state: dict[str, Any], path
 
     width = check_text_tower(clip.model, clip.spec)
     if ctx.shape[-1] != width:
-        raise ConfigError(f"{path}: context width {ctx.shape[-1]} does not fit the text width {width} of "
-                          f"{clip.spec}; import it with the backbone it was trained on")  # fmt: skip
+        raise ConfigError(
+            f"{path}: context width {ctx.shape[-1]} does not fit the text width {width} of "
+            f"{clip.spec}; import it with the backbone it was trained on"
+        )
     blocks = len(clip.model.transformer.resblocks)
     if len(deep) > blocks - 1:
         raise ConfigError(
@@ -165,26 +178,39 @@ def _check_fit(clip: Any, ctx: Any, deep: list[Any], state: dict[str, Any], path
         tokens = clip.tokenizer([prompt_template(n_ctx, suffix)]).to("cpu")
         stored = state[f"tokenized_prompts_{kind}"]
         if stored.numel() != tokens.numel() or not torch.equal(stored.reshape(tokens.shape).long(), tokens.long()):
-            raise ConfigError(f"{path}: tokenized_prompts_{kind} are not {clip.spec}'s tokens of "
-                              f"{prompt_template(n_ctx, suffix)!r} (another tokenizer or template)")  # fmt: skip
+            raise ConfigError(
+                f"{path}: tokenized_prompts_{kind} are not {clip.spec}'s tokens of "
+                f"{prompt_template(n_ctx, suffix)!r} (another tokenizer or template)"
+            )
         with torch.no_grad():
             emb = clip.model.token_embedding(tokens.to(clip.device)).float().cpu()[0]
         prefix = state[f"token_prefix_{kind}"].float().reshape(-1, width)
         suffix_t = state[f"token_suffix_{kind}"].float().reshape(-1, width)
         if prefix.shape[0] != 1 or suffix_t.shape[0] != emb.shape[0] - 1 - n_ctx:
             shapes = f"{tuple(prefix.shape)} / {tuple(suffix_t.shape)}"
-            raise ConfigError(f"{path}: token_prefix_{kind} / token_suffix_{kind} shapes {shapes} do not fit n_ctx "
-                              f"{n_ctx} and context length {emb.shape[0]}")  # fmt: skip
+            raise ConfigError(
+                f"{path}: token_prefix_{kind} / token_suffix_{kind} shapes {shapes} do not fit n_ctx "
+                f"{n_ctx} and context length {emb.shape[0]}"
+            )
         diff = max(float((prefix - emb[:1]).abs().max()), float((suffix_t - emb[1 + n_ctx :]).abs().max()))
         if diff > EMBEDDING_TOLERANCE and not force:
-            raise ConfigError(f"{path}: its stored token embeddings differ from {clip.spec}'s own (max |diff| "
-                              f"{diff:.3g}): it was trained on another CLIP; use that backbone, or pass --force")
+            raise ConfigError(
+                f"{path}: its stored token embeddings differ from {clip.spec}'s own (max |diff| "
+                f"{diff:.3g}): it was trained on another CLIP; use that backbone, or pass --force"
+            )
 
 
 def _write_adapter(
-    clip: Any, ctx: Any, deep: list[Any], path: Path, fmt: str, spec: dict[str, Any], ignored: list[str],
-    out: str | Path, overwrite: bool,
-) -> Path:  # fmt: skip
+    clip: Any,
+    ctx: Any,
+    deep: list[Any],
+    path: Path,
+    fmt: str,
+    spec: dict[str, Any],
+    ignored: list[str],
+    out: str | Path,
+    overwrite: bool,
+) -> Path:
     from vlad._version import __version__
     from vlad.adapters import DEEP_PREFIX, Adapter, AdapterMetadata, save_adapter
     from vlad.prompt_learner import prompt_template
@@ -204,7 +230,7 @@ def _write_adapter(
             "source": f"official {fmt} release",
             "note": "trained by the method's authors (on another "
             "dataset's test split, see METHODS); vlad did not train it",
-        },  # fmt: skip
+        },
         epochs=int(epoch.group(1)) if epoch else 0,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         n_ctx=n_ctx,
@@ -218,7 +244,7 @@ def _write_adapter(
             "source_file": path.name,
             "sha256": _sha256(path),
             "ignored_keys": ignored,
-        },  # fmt: skip
+        },
         profile="paper",
     )
     tensors = {"ctx_pos": ctx[0].contiguous(), "ctx_neg": ctx[1].contiguous()}

@@ -39,8 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="vlad-out", help="output directory (overlays and report.jsonl)")
     d.add_argument("--format", choices=["table", "json"], default="table", help="what to print")
     d.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
-    d.add_argument("--save-maps", action="store_true", help="also write each raw anomaly map as float32 .npy at the "
-                   "input image's resolution to <out>/maps/<stem>.npy (the report's `map` field)")
+    d.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write each raw anomaly map as float32 .npy at the "
+        "input image's resolution to <out>/maps/<stem>.npy (the report's `map` field)",
+    )
     add_model_options(d)
     train_cli.add_adapter_option(d)
     rules_cli.add_rules_option(d)
@@ -53,13 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=positive_int, default=None, help="at most N test images per category")
     e.add_argument("--shots", type=int, default=0, help="normal train images per category as references (k-shot)")
     e.add_argument("--seed", type=int, default=0, help="seed for choosing references and --limit subsets")
-    e.add_argument("--eval-size", type=positive_int, default=None, help="side at which pixel metrics are computed "
-                   "(default: the scorer's input size)")
-    e.add_argument("--legacy-aupro", action="store_true", help="deprecated, no effect: the 200-threshold paper-style "
-                   "AUPRO (pixel_aupro_legacy) is always reported next to the exact one (pixel_aupro)")
+    e.add_argument(
+        "--eval-size",
+        type=positive_int,
+        default=None,
+        help="side at which pixel metrics are computed (default: the scorer's input size)",
+    )
+    e.add_argument(
+        "--legacy-aupro",
+        action="store_true",
+        help="deprecated, no effect: the 200-threshold paper-style "
+        "AUPRO (pixel_aupro_legacy) is always reported next to the exact one (pixel_aupro)",
+    )
     e.add_argument("--out", default=None, help="write the metrics JSON here")
-    e.add_argument("--save-maps", action="store_true", help="also write each raw anomaly map as float32 .npy at the "
-                   "input image's resolution, in <JSON name>_maps/<category>/<defect>/ next to --out or in --maps-dir")
+    e.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write each raw anomaly map as float32 .npy at the "
+        "input image's resolution, in <JSON name>_maps/<category>/<defect>/ next to --out or in --maps-dir",
+    )
     e.add_argument("--maps-dir", default=None, help="folder for the saved anomaly maps (implies --save-maps)")
     add_model_options(e)
     train_cli.add_adapter_option(e)
@@ -93,8 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from vlad.cli_commands import run_detect, run_eval, run_scorers, run_serve
 
-    commands = {"detect": run_detect, "eval": run_eval, "scorers": run_scorers, "serve": run_serve,
-                **_EXTENSION_HANDLERS}
+    commands = {
+        "detect": run_detect,
+        "eval": run_eval,
+        "scorers": run_scorers,
+        "serve": run_serve,
+        **_EXTENSION_HANDLERS,
+    }
     try:
         return commands[args.command](args)
     except VladError as exc:

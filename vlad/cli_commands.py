@@ -111,8 +111,15 @@ class RulesInForce:
     def apply(self, result: Any, image: Any) -> Any:
         from vlad.rules import apply_rules
 
-        return apply_rules(result, self.ruleset, image=image, backbone=self.scorer.backbone, detector=self.detector,
-                           object_name=self.object_name, scorer_hits=self.hits)  # fmt: skip
+        return apply_rules(
+            result,
+            self.ruleset,
+            image=image,
+            backbone=self.scorer.backbone,
+            detector=self.detector,
+            object_name=self.object_name,
+            scorer_hits=self.hits,
+        )
 
 
 # ---------------------------------------------------------------------- detect
@@ -204,8 +211,10 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             print(f"{name:40s} {'ERROR':10s} {r['error']}")
             continue
         where = ", ".join(reg["position"] for reg in r["regions"][:3])
-        print(f"{name:40s} {r['verdict']:10s} {r['pred_score']:8.4f} {r['normalized_score']:6.3f} "
-              f"{len(r['regions']):7d}  {where}")
+        print(
+            f"{name:40s} {r['verdict']:10s} {r['pred_score']:8.4f} {r['normalized_score']:6.3f} "
+            f"{len(r['regions']):7d}  {where}"
+        )
 
 
 def run_detect(args: argparse.Namespace) -> int:
@@ -317,17 +326,27 @@ def _evaluate_category(
             if maps_dir is not None:
                 folder = maps_dir / s.category / s.defect
                 map_path = _save_map(folder / f"{_unique_name(s.path.stem, used[folder])}.npy", result.anomaly_map)
-            images.append({"path": str(s.path), "category": s.category, "label": int(s.label), "defect": s.defect,
-                           "pred_score": float(result.pred_score), "mask": str(s.mask_path) if s.mask_path else None,
-                           "map": str(map_path) if map_path else None})  # fmt: skip
+            images.append(
+                {
+                    "path": str(s.path),
+                    "category": s.category,
+                    "label": int(s.label),
+                    "defect": s.defect,
+                    "pred_score": float(result.pred_score),
+                    "mask": str(s.mask_path) if s.mask_path else None,
+                    "map": str(map_path) if map_path else None,
+                }
+            )
     keep, bad = np.array(pixel_ok, bool), np.array(labels, int) == 1
     metrics = compute_image_metrics(np.array(scores), np.array(labels))
     note = None
     if (keep & bad).any():
         metrics.update(compute_pixel_metrics(np.stack(maps)[keep], np.stack(masks)[keep]))
         if not keep.all():
-            note = (f"pixel metrics over the {int(keep.sum())} of {len(keep)} images with ground truth: "
-                    f"{int((~keep).sum())} anomalous image(s) have no mask")  # fmt: skip
+            note = (
+                f"pixel metrics over the {int(keep.sum())} of {len(keep)} images with ground truth: "
+                f"{int((~keep).sum())} anomalous image(s) have no mask"
+            )
     else:
         metrics.update(dict.fromkeys(PIXEL_METRICS, float("nan")))
         note = "pixel metrics n/a: " + ("no anomalous image has a mask" if bad.any() else "no anomalous image")
@@ -342,9 +361,16 @@ def _evaluate_category(
     }
 
 
-_COLUMNS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
-            "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO",
-            "pixel_aupro_legacy": "AUPRO-legacy"}  # fmt: skip
+_COLUMNS = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1max": "P-F1max",
+    "pixel_aupro": "AUPRO",
+    "pixel_aupro_legacy": "AUPRO-legacy",
+}
 
 
 def _print_metrics(per_category: dict[str, dict[str, float]], mean: dict[str, float], notes: dict[str, str]) -> None:
@@ -360,8 +386,10 @@ def _print_metrics(per_category: dict[str, dict[str, float]], mean: dict[str, fl
             cells.append(f"{cell:>{max(8, len(label))}s}")
         print(f"{name:16s} " + " ".join(cells))
     if "pixel_aupro" in mean:
-        print("I-/P-: image/pixel level; AUPRO: exact, FPR limit 0.3; AUPRO-legacy: 200 thresholds, FPR < 0.3 "
-              "re-scaled to [0, 1] (cflow-ad, as most papers print it)")  # fmt: skip
+        print(
+            "I-/P-: image/pixel level; AUPRO: exact, FPR limit 0.3; AUPRO-legacy: 200 thresholds, FPR < 0.3 "
+            "re-scaled to [0, 1] (cflow-ad, as most papers print it)"
+        )
     for name, note in notes.items():
         print(f"note: {name}: {note}")
 
@@ -420,10 +448,19 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"\nlanguage-model verdicts ({args.lvlm}):\n{tracker.format_table()}")
     failed = sum(len(r["failed"]) for r in results.values())
     payload = {
-        "settings": {**scorer.describe(), "root": str(args.root), "layout": args.layout, "shots": args.shots,
-                     "seed": args.seed, "limit": args.limit, "eval_size": args.eval_size or scorer.image_size,
-                     "auxiliary_training_data": None, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "vlad_version": vlad.__version__, "maps_dir": None if maps_dir is None else str(maps_dir)},
+        "settings": {
+            **scorer.describe(),
+            "root": str(args.root),
+            "layout": args.layout,
+            "shots": args.shots,
+            "seed": args.seed,
+            "limit": args.limit,
+            "eval_size": args.eval_size or scorer.image_size,
+            "auxiliary_training_data": None,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "vlad_version": vlad.__version__,
+            "maps_dir": None if maps_dir is None else str(maps_dir),
+        },
         "per_category": results,
         "mean": mean,
         "pixel_metrics_note": "; ".join(f"{c}: {n}" for c, n in notes.items()) or None,
@@ -431,7 +468,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "lvlm_verdicts": None if tracker is None else {"lvlm": args.lvlm, **tracker.summary()},
         "seconds": round(time.perf_counter() - started, 2),
         "warnings": list(scorer.warnings()) + prompt_overlap_warnings(scorer, samples),
-    }  # fmt: skip
+    }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(_clean(payload), indent=2), encoding="utf-8")
@@ -473,8 +510,14 @@ def run_serve(args: argparse.Namespace) -> int:
     require("gradio", "ui", what="the web UI")
     from webui.app import build_app, launch
 
-    demo = build_app(scorer=args.scorer, backbone=args.backbone, lvlm=args.lvlm, device=args.device,
-                     profile=args.profile, adapter=args.adapter)  # fmt: skip
+    demo = build_app(
+        scorer=args.scorer,
+        backbone=args.backbone,
+        lvlm=args.lvlm,
+        device=args.device,
+        profile=args.profile,
+        adapter=args.adapter,
+    )
     print(f"vlad web UI on http://{args.host}:{args.port}", flush=True)
     launch(demo, host=args.host, port=args.port, auth=auth)
     return EXIT_OK

@@ -91,5 +91,7 @@ def object_names(bank: dict[str, Any]) -> list[str]:
 
 def generic_note(object_name: str) -> str:
     """The warning for an object name that resolves to no kind."""
-    return (f"no defect phrases for {object_name!r} in prompts/filo.yaml (no kind lists it): "
-            "the generic defect list is used")  # fmt: skip
+    return (
+        f"no defect phrases for {object_name!r} in prompts/filo.yaml (no kind lists it): "
+        "the generic defect list is used"
+    )

@@ -51,13 +51,35 @@ MODES = ("guide", "ignore")
 DEFAULT_EXPLAINED_VARIANCE = 0.9
 _KINDS = ("nuisance", "defect")
 _IGNORE_VERBS = (
-    "ignore", "ignoring", "disregard", "disregarding", "don't care about", "dont care about", "do not care about",
-    "regardless of", "invariant to", "be invariant to", "not sensitive to",
-)  # fmt: skip
+    "ignore",
+    "ignoring",
+    "disregard",
+    "disregarding",
+    "don't care about",
+    "dont care about",
+    "do not care about",
+    "regardless of",
+    "invariant to",
+    "be invariant to",
+    "not sensitive to",
+)
 _GUIDE_VERBS = (
-    "guide", "guide on", "guided by", "focus", "focus on", "focusing on", "focus only on", "only care about",
-    "care about", "care only about", "attend to", "look for", "look at", "watch for", "concentrate on",
-)  # fmt: skip
+    "guide",
+    "guide on",
+    "guided by",
+    "focus",
+    "focus on",
+    "focusing on",
+    "focus only on",
+    "only care about",
+    "care about",
+    "care only about",
+    "attend to",
+    "look for",
+    "look at",
+    "watch for",
+    "concentrate on",
+)
 _STOPWORDS = frozenset(
     "and or but also then the a an any all its their of in on to for with about please just only variation variations "
     "variance change changes difference differences object objects image images photo photos".split()

@@ -45,8 +45,10 @@ def _context_tokens(backbone: ClipBackbone, templates: Sequence[str], n_ctx: int
     """(2, L) token ids of the templates, checked: ``n_ctx`` placeholder tokens after SOT, nothing truncated."""
     prefix = " ".join([CONTEXT_TOKEN] * n_ctx) + " "
     if len(templates) != 2 or not all(t.startswith(prefix) and len(t) > len(prefix) for t in templates):
-        raise ConfigError(f"prompt templates must be two strings of {n_ctx} {CONTEXT_TOKEN!r} tokens and a suffix, "
-                          f"got {list(templates)}")  # fmt: skip
+        raise ConfigError(
+            f"prompt templates must be two strings of {n_ctx} {CONTEXT_TOKEN!r} tokens and a suffix, "
+            f"got {list(templates)}"
+        )
     tokens = backbone.tokenizer(list(templates)).to(backbone.device)
     ctx_ids = tokens[:, 1 : 1 + n_ctx]
     if (tokens != 0).sum(-1).max() >= tokens.shape[1]:
@@ -108,16 +110,20 @@ class PromptLearner(nn.Module):
         meta, tensors = adapter.metadata, adapter.tensors
         width = check_text_tower(backbone.model, backbone.spec)
         if tensors["ctx_pos"].shape[-1] != width:
-            raise ConfigError(f"adapter {adapter.name} has context width {tensors['ctx_pos'].shape[-1]}, but the text "
-                              f"tower of {backbone.spec} has width {width}")  # fmt: skip
+            raise ConfigError(
+                f"adapter {adapter.name} has context width {tensors['ctx_pos'].shape[-1]}, but the text "
+                f"tower of {backbone.spec} has width {width}"
+            )
         if not {"normal", "anomalous"} <= set(meta.prompts):
             raise ConfigError(f"adapter {adapter.name}: prompts must hold 'normal' and 'anomalous' templates")
         deep = adapter.deep_prompts()
         blocks = len(backbone.model.transformer.resblocks)
         if len(deep) > blocks - 1:
-            raise ConfigError(f"adapter {adapter.name} has {len(deep)} deep text prompts (text blocks "
-                              f"2..{len(deep) + 1}) but the text tower of {backbone.spec} has "
-                              f"{blocks} blocks")  # fmt: skip
+            raise ConfigError(
+                f"adapter {adapter.name} has {len(deep)} deep text prompts (text blocks "
+                f"2..{len(deep) + 1}) but the text tower of {backbone.spec} has "
+                f"{blocks} blocks"
+            )
         round_fp16 = bool((meta.deep_prompts or {}).get("round_fp16", True))
         templates = (meta.prompts["normal"], meta.prompts["anomalous"])
         learner = cls(backbone, int(meta.n_ctx or 0), templates, deep=deep, round_fp16=round_fp16)

@@ -13,10 +13,16 @@ from typing import Any
 import numpy as np
 
 POSITION_WORDS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
-)  # fmt: skip
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
 
 
 @dataclass(frozen=True)

@@ -204,12 +204,16 @@ def build_items(
         keep = np.sort(np.random.default_rng(seed).choice(len(samples), limit, replace=False))
         samples = [samples[i] for i in keep]
     if synthetic:
-        pairs = [(TrainingItem(s.path, s.category, 0), TrainingItem(s.path, s.category, 1, synthetic=i))
-                 for i, s in enumerate(samples)]  # fmt: skip
+        pairs = [
+            (TrainingItem(s.path, s.category, 0), TrainingItem(s.path, s.category, 1, synthetic=i))
+            for i, s in enumerate(samples)
+        ]
         return [item for pair in pairs for item in pair]
     if not any(s.label == 1 for s in samples):
-        raise DatasetError(f"no anomalous images with masks in {root} ({layout} layout); use --synthetic to plant "
-                           f"defects in normal images instead")  # fmt: skip
+        raise DatasetError(
+            f"no anomalous images with masks in {root} ({layout} layout); use --synthetic to plant "
+            f"defects in normal images instead"
+        )
     return [TrainingItem(s.path, s.category, s.label, s.mask_path) for s in samples]
 
 
@@ -350,8 +354,9 @@ def cache_features(
 
 def extract_with_grad(scorer: CraneScorer, x: torch.Tensor) -> Features:
     """:meth:`CraneScorer._extract` with gradients (for LoRA): normalised ``layerL`` (B, N, D) and ``global`` (B, D)."""
-    out = _dense_forward_with_grad(scorer.backbone, x, scorer.layers, attention=scorer.attention,
-                                   first_refined=scorer.first_refined)  # fmt: skip
+    out = _dense_forward_with_grad(
+        scorer.backbone, x, scorer.layers, attention=scorer.attention, first_refined=scorer.first_refined
+    )
     feats = {f"layer{layer}": F.normalize(tok.float(), dim=-1) for layer, tok in out.refined.items()}
     feats["global"] = F.normalize(out.global_embedding.float(), dim=-1)
     return feats
@@ -431,8 +436,9 @@ def train_adapter(
     if not isinstance(backbone, ClipBackbone):
         device = resolve_device(device)  # fp32 for training; on the CPU "auto" is fp32 and shares the cached model
         backbone = load_backbone(backbone, device=device, precision="auto" if device == "cpu" else "fp32")
-    items = build_items(config.root, config.layout, config.categories, synthetic=config.synthetic,
-                        limit=config.limit, seed=config.seed)  # fmt: skip
+    items = build_items(
+        config.root, config.layout, config.categories, synthetic=config.synthetic, limit=config.limit, seed=config.seed
+    )
     logger.info("training %s on %d images (%d anomalous)", config.method, len(items), sum(it.label for it in items))
     trainer = _train_prompts if config.method == "crane-prompts" else _train_lora
     tensors, history, scorer, extra = trainer(backbone, items, config, progress)
@@ -453,9 +459,21 @@ def _metadata(
         "limit": config.limit,
     }
     return AdapterMetadata(
-        method=config.method, backbone=scorer.backbone.spec, layers=tuple(scorer.layers), attention=scorer.attention,
-        first_refined=scorer.first_refined, image_size=scorer.image_size, prompts=extra["prompts"], training_data=data,
-        epochs=config.epochs, date=datetime.now(timezone.utc).isoformat(timespec="seconds"), n_ctx=extra.get("n_ctx"),
-        lora=extra.get("lora"), seed=config.seed, lr=float(config.lr), batch_size=config.batch_size,
-        loss_history=tuple(history), vlad_version=__version__,
-    )  # fmt: skip
+        method=config.method,
+        backbone=scorer.backbone.spec,
+        layers=tuple(scorer.layers),
+        attention=scorer.attention,
+        first_refined=scorer.first_refined,
+        image_size=scorer.image_size,
+        prompts=extra["prompts"],
+        training_data=data,
+        epochs=config.epochs,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        n_ctx=extra.get("n_ctx"),
+        lora=extra.get("lora"),
+        seed=config.seed,
+        lr=float(config.lr),
+        batch_size=config.batch_size,
+        loss_history=tuple(history),
+        vlad_version=__version__,
+    )

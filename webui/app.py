@@ -40,8 +40,10 @@ def verdict_html(result: Any) -> str:
 
 
 def working_text(result: Any) -> str:
-    lines = [f"scorer: {result.scorer} on {result.backbone}",
-             f"score {result.pred_score:.4f} vs threshold {result.threshold:.4f} ({result.threshold_source})"]
+    lines = [
+        f"scorer: {result.scorer} on {result.backbone}",
+        f"score {result.pred_score:.4f} vs threshold {result.threshold:.4f} ({result.threshold_source})",
+    ]
     for r in result.regions[:5]:
         lines.append(f"region at the {r.position}: {100 * r.area_fraction:.1f}% of the image, peak {r.peak_score:.3f}")
     for h in result.rule_hits:
@@ -82,9 +84,18 @@ def _files(value: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------------- handlers
-def chat(service: InspectorService, message: dict | str | None, history: list, session: Session | None,
-         product: str, scorer: str, backbone: str, refs: Any, rules: str,
-         sensitivity: float) -> Iterator[tuple]:  # fmt: skip
+def chat(
+    service: InspectorService,
+    message: dict | str | None,
+    history: list,
+    session: Session | None,
+    product: str,
+    scorer: str,
+    backbone: str,
+    refs: Any,
+    rules: str,
+    sensitivity: float,
+) -> Iterator[tuple]:
     """A new image starts a new inspection; text continues the conversation about the current one."""
     session = session or Session()
     history = list(history or [])
@@ -95,26 +106,45 @@ def chat(service: InspectorService, message: dict | str | None, history: list, s
     if text:
         history.append({"role": "user", "content": text})
     if files:
-        history.append({"role": "assistant", "content": "Inspecting…",
-                        "metadata": {"title": "Working", "status": "pending"}})  # fmt: skip
+        history.append(
+            {"role": "assistant", "content": "Inspecting…", "metadata": {"title": "Working", "status": "pending"}}
+        )
         yield (None, history, session, *_panels(session.inspection))
         try:
-            ins = service.inspect(session, files[-1], product=product, scorer=scorer or None,
-                                  backbone=(backbone or "").strip() or None, references=_files(refs), rules=rules,
-                                  sensitivity=sensitivity)  # fmt: skip
+            ins = service.inspect(
+                session,
+                files[-1],
+                product=product,
+                scorer=scorer or None,
+                backbone=(backbone or "").strip() or None,
+                references=_files(refs),
+                rules=rules,
+                sensitivity=sensitivity,
+            )
         except Exception as exc:  # noqa: BLE001 - every failure is told in the chat
             history[-1] = {"role": "assistant", "content": _error_message(exc)}
             yield (None, history, session, *_panels(session.inspection))
             return
-        history[-1] = {"role": "assistant", "content": working_text(ins.result),
-                       "metadata": {"title": f"Working: {ins.result.scorer}, {len(ins.result.regions)} region(s)",
-                                    "status": "done"}}  # fmt: skip
+        history[-1] = {
+            "role": "assistant",
+            "content": working_text(ins.result),
+            "metadata": {
+                "title": f"Working: {ins.result.scorer}, {len(ins.result.regions)} region(s)",
+                "status": "done",
+            },
+        }
         note = ""
         if service.lvlm_problem:
-            note = (f"⚠️ The language model `{service.lvlm}` is unreachable ({service.lvlm_problem}); this explanation "
-                    "comes from the template explainer.\n\n")  # fmt: skip
-        history.append({"role": "assistant", "content": f"{note}**{ins.product}: {ins.result.verdict}.** "
-                        + ins.result.explanation.text})  # fmt: skip
+            note = (
+                f"⚠️ The language model `{service.lvlm}` is unreachable ({service.lvlm_problem}); this explanation "
+                "comes from the template explainer.\n\n"
+            )
+        history.append(
+            {
+                "role": "assistant",
+                "content": f"{note}**{ins.product}: {ins.result.verdict}.** " + ins.result.explanation.text,
+            }
+        )
         yield (None, history, session, *_panels(ins))
         if not text:
             return
@@ -123,8 +153,13 @@ def chat(service: InspectorService, message: dict | str | None, history: list, s
         return
     if session.inspection is not None:  # each answer can show its working
         res = session.inspection.result
-        history.append({"role": "assistant", "content": working_text(res),
-                        "metadata": {"title": f"Working: {res.scorer}, score {res.pred_score:.3f}", "status": "done"}})
+        history.append(
+            {
+                "role": "assistant",
+                "content": working_text(res),
+                "metadata": {"title": f"Working: {res.scorer}, score {res.pred_score:.3f}", "status": "done"},
+            }
+        )
     history.append({"role": "assistant", "content": ""})
     try:
         for piece in service.ask(session, text):
@@ -160,20 +195,48 @@ def check_rules(text: str) -> str:
     return "\n".join(lines)
 
 
-def run_batch(service: InspectorService, files: Any, session: Session | None, product: str, scorer: str,
-              backbone: str, refs: Any, rules: str, sensitivity: float, progress: Any = None) -> tuple:  # fmt: skip
+def run_batch(
+    service: InspectorService,
+    files: Any,
+    session: Session | None,
+    product: str,
+    scorer: str,
+    backbone: str,
+    refs: Any,
+    rules: str,
+    sensitivity: float,
+    progress: Any = None,
+) -> tuple:
     session = session or Session()
     paths = _files(files)
     if not paths:
         return session, [], [], None, "Add some images first."
     try:
-        rows, csv_path, json_path = service.batch(session, paths, product=product, scorer=scorer or None,
-                                                  backbone=(backbone or "").strip() or None, references=_files(refs),
-                                                  rules=rules, sensitivity=sensitivity, progress=progress)  # fmt: skip
+        rows, csv_path, json_path = service.batch(
+            session,
+            paths,
+            product=product,
+            scorer=scorer or None,
+            backbone=(backbone or "").strip() or None,
+            references=_files(refs),
+            rules=rules,
+            sensitivity=sensitivity,
+            progress=progress,
+        )
     except Exception as exc:  # noqa: BLE001
         return session, [], [], None, _error_message(exc)
-    table = [[r["image"], r["verdict"], r.get("pred_score", ""), r.get("normalized_score", ""), r.get("regions", ""),
-              r.get("rules_fired", ""), r.get("error", "")] for r in rows]  # fmt: skip
+    table = [
+        [
+            r["image"],
+            r["verdict"],
+            r.get("pred_score", ""),
+            r.get("normalized_score", ""),
+            r.get("regions", ""),
+            r.get("rules_fired", ""),
+            r.get("error", ""),
+        ]
+        for r in rows
+    ]
     by_name = {Path(p).name: p for p in paths}
     gallery = [(by_name[r["image"]], f"{r['image']}: {r['verdict']}") for r in rows if r["image"] in by_name]
     done = sum(r["verdict"] != "error" for r in rows)
@@ -195,9 +258,13 @@ def build_app(service: InspectorService | None = None, **service_options: Any) -
             with gr.Row():
                 with gr.Column(scale=3):
                     chatbot = gr.Chatbot(height=560, label="Inspection", elem_id="chat")
-                    box = gr.MultimodalTextbox(file_types=["image"], file_count="single", sources=["upload"],
-                                               placeholder="Drop a photo of a part, or ask about the current one",
-                                               elem_id="input")  # fmt: skip
+                    box = gr.MultimodalTextbox(
+                        file_types=["image"],
+                        file_count="single",
+                        sources=["upload"],
+                        placeholder="Drop a photo of a part, or ask about the current one",
+                        elem_id="input",
+                    )
                 with gr.Column(scale=2):
                     verdict = gr.HTML(verdict_html(None))
                     slider = gr.ImageSlider(label="Image | heat map", type="pil")
@@ -205,13 +272,19 @@ def build_app(service: InspectorService | None = None, **service_options: Any) -
                     sensitivity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Sensitivity (higher flags more)")
                     report = gr.File(label="JSON report")
                     with gr.Accordion("Product, references, rules, model", open=True):
-                        product = gr.Textbox(label="Product", placeholder="e.g. bottle (empty: vlad guesses)",
-                                             elem_id="product")  # fmt: skip
-                        rules = gr.Textbox(label="Rules, in plain words", lines=3, elem_id="rules",
-                                           placeholder="scratches on the label are fine\na missing screw is a defect")
+                        product = gr.Textbox(
+                            label="Product", placeholder="e.g. bottle (empty: vlad guesses)", elem_id="product"
+                        )
+                        rules = gr.Textbox(
+                            label="Rules, in plain words",
+                            lines=3,
+                            elem_id="rules",
+                            placeholder="scratches on the label are fine\na missing screw is a defect",
+                        )
                         rules_view = gr.Markdown(elem_id="rules-parsed")
-                        refs = gr.File(label="Good reference images (few-shot)", file_count="multiple",
-                                       file_types=["image"])  # fmt: skip
+                        refs = gr.File(
+                            label="Good reference images (few-shot)", file_count="multiple", file_types=["image"]
+                        )
                         scorer = gr.Dropdown(list_scorers(), value=service.scorer, label="Scorer")
                         backbone = gr.Textbox(value=service.backbone or "", label="Backbone (empty: scorer default)")
         with gr.Tab("Batch"):
@@ -220,8 +293,10 @@ def build_app(service: InspectorService | None = None, **service_options: Any) -
                 batch_folder = gr.File(label="…or a folder", file_count="directory")
             batch_button = gr.Button("Inspect all", variant="primary")
             batch_status = gr.Markdown()
-            batch_table = gr.Dataframe(headers=["image", "verdict", "score", "normalised", "regions", "rules fired",
-                                                "error"], interactive=False)  # fmt: skip
+            batch_table = gr.Dataframe(
+                headers=["image", "verdict", "score", "normalised", "regions", "rules fired", "error"],
+                interactive=False,
+            )
             batch_gallery = gr.Gallery(label="Images", columns=6, height=240)
             batch_downloads = gr.File(label="CSV / JSON", file_count="multiple")
 
@@ -231,27 +306,54 @@ def build_app(service: InspectorService | None = None, **service_options: Any) -
         def _chat(message, history, sess, *rest):  # noqa: ANN001, ANN202
             yield from chat(service, message, history, sess, *rest)
 
-        box.submit(_chat, [box, chatbot, session, *settings], [box, chatbot, session, *panels],
-                   concurrency_limit=service.concurrency, concurrency_id="score", api_name="chat")  # fmt: skip
-        sensitivity.release(lambda s, v: resensitise(service, s, v), [session, sensitivity], [session, *panels],
-                            api_name="sensitivity")  # fmt: skip
+        box.submit(
+            _chat,
+            [box, chatbot, session, *settings],
+            [box, chatbot, session, *panels],
+            concurrency_limit=service.concurrency,
+            concurrency_id="score",
+            api_name="chat",
+        )
+        sensitivity.release(
+            lambda s, v: resensitise(service, s, v), [session, sensitivity], [session, *panels], api_name="sensitivity"
+        )
         rules.change(check_rules, rules, rules_view, show_progress="hidden", api_name="rules")
 
         def _batch(files, folder, sess, *rest, progress=gr.Progress()):  # noqa: ANN001, ANN202, B008
             return run_batch(service, _files(files) + _images_only(folder), sess, *rest, progress=progress)
 
-        batch_button.click(_batch, [batch_files, batch_folder, session, *settings],
-                           [session, batch_table, batch_gallery, batch_downloads, batch_status],
-                           concurrency_limit=1, concurrency_id="score", api_name="batch")  # fmt: skip
+        batch_button.click(
+            _batch,
+            [batch_files, batch_folder, session, *settings],
+            [session, batch_table, batch_gallery, batch_downloads, batch_status],
+            concurrency_limit=1,
+            concurrency_id="score",
+            api_name="batch",
+        )
     demo.queue(default_concurrency_limit=service.concurrency, max_size=32)
     return demo
 
 
-def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
-           block: bool = True, max_file_size: str = MAX_FILE_SIZE) -> Any:  # fmt: skip
+def launch(
+    demo: gr.Blocks,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    auth: tuple[str, str] | None = None,
+    block: bool = True,
+    max_file_size: str = MAX_FILE_SIZE,
+) -> Any:
     """Serve the app (127.0.0.1 by default; optional basic auth; upload size limit)."""
-    return demo.launch(server_name=host, server_port=port, auth=auth, max_file_size=max_file_size, share=False,
-                       prevent_thread_lock=not block, show_error=False, quiet=not block)  # fmt: skip
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        auth=auth,
+        max_file_size=max_file_size,
+        share=False,
+        prevent_thread_lock=not block,
+        show_error=False,
+        quiet=not block,
+    )
 
 
 if __name__ == "__main__":

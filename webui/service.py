@@ -69,9 +69,16 @@ class InspectorService:
         adapter: a learned or imported adapter (bundled name or folder) applied to every scorer built.
     """
 
-    def __init__(self, scorer: str = "winclip", backbone: str | None = None, lvlm: str = "template",
-                 device: str = "auto", max_upload_mb: float = 20.0, profile: str | None = None,
-                 adapter: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        scorer: str = "winclip",
+        backbone: str | None = None,
+        lvlm: str = "template",
+        device: str = "auto",
+        max_upload_mb: float = 20.0,
+        profile: str | None = None,
+        adapter: str | None = None,
+    ) -> None:
         from vlad.scorers import list_scorers
 
         if scorer not in list_scorers():
@@ -112,15 +119,21 @@ class InspectorService:
 
     def status_markdown(self) -> str:
         backbone = self.backbone or "the scorer's default"
-        parts = [f"**scorer** `{self.scorer}` · **profile** `{self.profile or 'paper'}` · **backbone** `{backbone}` · "
-                 f"**explainer** `{self.lvlm}`" + (f" · **adapter** `{self.adapter}`" if self.adapter else "")]
+        parts = [
+            f"**scorer** `{self.scorer}` · **profile** `{self.profile or 'paper'}` · **backbone** `{backbone}` · "
+            f"**explainer** `{self.lvlm}`" + (f" · **adapter** `{self.adapter}`" if self.adapter else "")
+        ]
         if (self.backbone or "").startswith("random:"):
-            parts.append(f"⚠️ **The backbone `{self.backbone}` has random weights: scores and maps are meaningless.** "
-                         "Start with real weights, e.g. `vlad serve --backbone "
-                         "openclip:ViT-B-16-plus-240@laion400m_e31`.")  # fmt: skip
+            parts.append(
+                f"⚠️ **The backbone `{self.backbone}` has random weights: scores and maps are meaningless.** "
+                "Start with real weights, e.g. `vlad serve --backbone "
+                "openclip:ViT-B-16-plus-240@laion400m_e31`."
+            )
         if self.lvlm_problem:
-            parts.append(f"⚠️ **The language model `{self.lvlm}` is unreachable** ({self.lvlm_problem}); explanations "
-                         "and answers come from the template explainer.")  # fmt: skip
+            parts.append(
+                f"⚠️ **The language model `{self.lvlm}` is unreachable** ({self.lvlm_problem}); explanations "
+                "and answers come from the template explainer."
+            )
         return "\n\n".join(parts)
 
     # ------------------------------------------------------------------ building blocks
@@ -129,8 +142,12 @@ class InspectorService:
         from vlad.scorers import get_scorer
 
         name = scorer or self.scorer
-        kwargs: dict[str, Any] = {"backbone": backbone or self.backbone, "device": self.device,
-                                  "sensitivity": sensitivity, "profile": self.profile}  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "backbone": backbone or self.backbone,
+            "device": self.device,
+            "sensitivity": sensitivity,
+            "profile": self.profile,
+        }
         if name == "filo":
             kwargs["detector"] = "none" if (backbone or self.backbone or "").startswith("random:") else "grounding-dino"
         built = get_scorer(name, **kwargs)
@@ -179,8 +196,17 @@ class InspectorService:
         conversation = Conversation(evidence, self.explainer())
         outcome = conversation.explain()
         result = result.replace(explanation=outcome.explanation)
-        inspection = Inspection(image, name, result, base, render_result(image, result), conversation, rules,
-                                scorer_hits=tuple(hits), backbone=model.backbone)  # fmt: skip
+        inspection = Inspection(
+            image,
+            name,
+            result,
+            base,
+            render_result(image, result),
+            conversation,
+            rules,
+            scorer_hits=tuple(hits),
+            backbone=model.backbone,
+        )
         inspection.report_path = write_report(session, inspection)
         session.inspection = inspection
         return inspection
@@ -190,8 +216,10 @@ class InspectorService:
         path = Path(path)
         size = path.stat().st_size if path.is_file() else 0
         if size > self.max_upload_bytes:
-            raise VladError(f"{path.name} is {size / 2**20:.1f} MB, over the upload limit of "
-                            f"{self.max_upload_bytes / 2**20:.0f} MB; send a smaller image")  # fmt: skip
+            raise VladError(
+                f"{path.name} is {size / 2**20:.1f} MB, over the upload limit of "
+                f"{self.max_upload_bytes / 2**20:.0f} MB; send a smaller image"
+            )
 
     def rethreshold(self, session: Session, sensitivity: float) -> Inspection | None:
         """Move the current result to another sensitivity without re-scoring (rules re-applied)."""
@@ -215,9 +243,19 @@ class InspectorService:
         yield from session.inspection.conversation.ask(question)
 
     # ------------------------------------------------------------------ batch
-    def batch(self, session: Session, paths: Sequence[str | Path], *, product: str = "", scorer: str | None = None,
-              backbone: str | None = None, references: Sequence[str | Path] = (), rules: str = "",
-              sensitivity: float = 0.5, progress: Any = None) -> tuple[list[dict[str, Any]], Path, Path]:  # fmt: skip
+    def batch(
+        self,
+        session: Session,
+        paths: Sequence[str | Path],
+        *,
+        product: str = "",
+        scorer: str | None = None,
+        backbone: str | None = None,
+        references: Sequence[str | Path] = (),
+        rules: str = "",
+        sensitivity: float = 0.5,
+        progress: Any = None,
+    ) -> tuple[list[dict[str, Any]], Path, Path]:
         """Score many images; one row each (errors included). Returns rows, a CSV and a JSON file."""
         from vlad.data import load_image
 
@@ -244,9 +282,17 @@ class InspectorService:
                     progress(start / max(len(loaded), 1), desc=f"scoring {start + 1}-{start + len(chunk)}")
                 for (path, image), res in zip(chunk, model.score_many([im for _, im in chunk], name), strict=True):
                     res = _apply(res, ruleset, image, model.backbone, hits, name)
-                    rows.append({"image": path.name, "verdict": res.verdict, "pred_score": round(res.pred_score, 4),
-                                 "normalized_score": round(res.normalized_score, 3), "regions": len(res.regions),
-                                 "rules_fired": "; ".join(h.rule for h in res.rule_hits), "error": ""})  # fmt: skip
+                    rows.append(
+                        {
+                            "image": path.name,
+                            "verdict": res.verdict,
+                            "pred_score": round(res.pred_score, 4),
+                            "normalized_score": round(res.normalized_score, 3),
+                            "regions": len(res.regions),
+                            "rules_fired": "; ".join(h.rule for h in res.rule_hits),
+                            "error": "",
+                        }
+                    )
         rows.sort(key=lambda r: order.get(r["image"], 0))
         return rows, *write_batch(session, rows)
 

@@ -32,8 +32,16 @@ def register_deep_model(folder: Path) -> str:
     return f"random:{DEEP_MODEL}"
 
 
-def official_state(backbone, *, n_ctx: int = 12, t_n_ctx: int = 4, depth: int = 4, seed: int = 0,
-                   projections: bool = False, std: float = 0.3) -> dict[str, torch.Tensor]:  # fmt: skip
+def official_state(
+    backbone,
+    *,
+    n_ctx: int = 12,
+    t_n_ctx: int = 4,
+    depth: int = 4,
+    seed: int = 0,
+    projections: bool = False,
+    std: float = 0.3,
+) -> dict[str, torch.Tensor]:
     """A prompt-learner state dict with the official key names, shapes and dtypes, random learned values."""
     g = torch.Generator().manual_seed(seed)
     width = backbone.model.token_embedding.weight.shape[1]
@@ -142,8 +150,10 @@ def reference_crane(model, x: torch.Tensor, text: torch.Tensor, taps: list[int])
     patches = torch.stack([F.normalize(p, dim=-1) for p in tokens])  # (L, B, N, D)
     logits = [p @ text.T / 0.07 for p in patches]
     size, grid = x.shape[-1], int(patches.shape[2] ** 0.5)
-    up = [F.interpolate(lg.softmax(-1).reshape(-1, grid, grid, 2).permute(0, 3, 1, 2), (size, size), mode="bilinear")
-          for lg in logits]  # fmt: skip
+    up = [
+        F.interpolate(lg.softmax(-1).reshape(-1, grid, grid, 2).permute(0, 3, 1, 2), (size, size), mode="bilinear")
+        for lg in logits
+    ]
     amap = torch.stack(up).mean(0)[:, 1]
     w = torch.stack(logits).mean(0).softmax(-1)[..., 1:]
     pooled = F.normalize((patches.mean(0) * w).sum(1), dim=1)

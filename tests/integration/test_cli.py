@@ -14,8 +14,20 @@ from PIL import Image
 from vlad.cli import main
 from vlad.scorers import list_scorers
 
-REPORT_FIELDS = {"path", "object", "scorer", "backbone", "pred_score", "normalized_score", "pred_label", "threshold",
-                 "regions", "overlay", "timings", "error"}  # fmt: skip
+REPORT_FIELDS = {
+    "path",
+    "object",
+    "scorer",
+    "backbone",
+    "pred_score",
+    "normalized_score",
+    "pred_label",
+    "threshold",
+    "regions",
+    "overlay",
+    "timings",
+    "error",
+}
 
 
 def _rows(out: Path) -> list[dict]:
@@ -24,8 +36,22 @@ def _rows(out: Path) -> list[dict]:
 
 def test_detect_writes_report_and_overlays(sample_images, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["detect", str(sample_images), "--object", "bottle", "--backbone", "random:tiny",
-                 "--out", str(out), "--format", "json", "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            str(sample_images),
+            "--object",
+            "bottle",
+            "--backbone",
+            "random:tiny",
+            "--out",
+            str(out),
+            "--format",
+            "json",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     rows = _rows(out)
@@ -49,8 +75,22 @@ def test_detect_with_refs_uses_few_shot_memory(sample_images, tmp_path, capsys):
     for p in sorted(sample_images.iterdir())[:2]:
         (refs / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "out"
-    code = main(["detect", str(sample_images), "--object", "bottle", "--backbone", "random:tiny",
-                 "--refs", str(refs), "--out", str(out), "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            str(sample_images),
+            "--object",
+            "bottle",
+            "--backbone",
+            "random:tiny",
+            "--refs",
+            str(refs),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "verdict" in text
@@ -68,8 +108,14 @@ def _bad_files(folder: Path) -> dict[str, str]:
     (folder / "truncated.png").write_bytes(data[: len(data) // 2])
     Image.new("1", (30000, 30000)).save(folder / "bomb.png")
     Image.fromarray(np.zeros((8, 400, 3), np.uint8)).save(folder / "sliver.png")
-    return {"empty.png": "empty", "text.png": "not an image", "truncated.png": "truncated|corrupt",
-            "bomb.png": "too large.*downscale", "sliver.png": "aspect ratio", "missing.png": "not found"}  # fmt: skip
+    return {
+        "empty.png": "empty",
+        "text.png": "not an image",
+        "truncated.png": "truncated|corrupt",
+        "bomb.png": "too large.*downscale",
+        "sliver.png": "aspect ratio",
+        "missing.png": "not found",
+    }
 
 
 def test_detect_batch_with_bad_files_reports_each_and_scores_the_rest(tmp_path, capsys):
@@ -77,8 +123,21 @@ def test_detect_batch_with_bad_files_reports_each_and_scores_the_rest(tmp_path, 
     folder.mkdir()
     expected = _bad_files(folder)
     out = tmp_path / "out"
-    code = main(["detect", str(folder), str(folder / "missing.png"), "--object", "cap",
-                 "--backbone", "random:tiny", "--out", str(out), "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            str(folder),
+            str(folder / "missing.png"),
+            "--object",
+            "cap",
+            "--backbone",
+            "random:tiny",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 1
     rows = {Path(r["path"]).name: r for r in _rows(out)}
     assert rows["good.png"]["error"] is None
@@ -112,8 +171,20 @@ def test_detect_usage_errors_exit_2(sample_images, tmp_path, capsys, argv, messa
 def test_refs_without_images_exit_2(sample_images, tmp_path, capsys):
     empty = tmp_path / "norefs"
     empty.mkdir()
-    code = main(["detect", str(sample_images), "--object", "x", "--backbone", "random:tiny", "--refs", str(empty),
-                 "--out", str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            str(sample_images),
+            "--object",
+            "x",
+            "--backbone",
+            "random:tiny",
+            "--refs",
+            str(empty),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert "--refs: no images" in capsys.readouterr().err
 
@@ -150,8 +221,24 @@ def synthetic_mvtec(tmp_path_factory):
 @pytest.mark.parametrize("shots", [0, 2])
 def test_eval_on_mvtec_layout(synthetic_mvtec, tmp_path, capsys, shots):
     out = tmp_path / "metrics.json"
-    code = main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--backbone", "random:tiny",
-                 "--shots", str(shots), "--out", str(out), "--legacy-aupro", "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--root",
+            str(synthetic_mvtec),
+            "--layout",
+            "mvtec",
+            "--backbone",
+            "random:tiny",
+            "--shots",
+            str(shots),
+            "--out",
+            str(out),
+            "--legacy-aupro",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "tex" in table
@@ -159,8 +246,16 @@ def test_eval_on_mvtec_layout(synthetic_mvtec, tmp_path, capsys, shots):
     assert "mean" in table
     data = json.loads(out.read_text())
     assert set(data["per_category"]) == {"tex", "tiles"}
-    keys = {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
-            "pixel_aupro_legacy"}  # fmt: skip
+    keys = {
+        "image_auroc",
+        "image_ap",
+        "image_f1max",
+        "pixel_auroc",
+        "pixel_ap",
+        "pixel_f1max",
+        "pixel_aupro",
+        "pixel_aupro_legacy",
+    }
     assert keys <= set(data["mean"])
     for cat in data["per_category"].values():
         assert cat["n_images"] in (4, 6)
@@ -172,16 +267,48 @@ def test_eval_on_mvtec_layout(synthetic_mvtec, tmp_path, capsys, shots):
 
 def test_eval_limit_keeps_both_classes(synthetic_mvtec, tmp_path, capsys):
     out = tmp_path / "m.json"
-    assert main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "tex", "--limit", "2",
-                 "--backbone", "random:tiny", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--root",
+                str(synthetic_mvtec),
+                "--layout",
+                "mvtec",
+                "--category",
+                "tex",
+                "--limit",
+                "2",
+                "--backbone",
+                "random:tiny",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     cat = json.loads(out.read_text())["per_category"]["tex"]
     assert cat["n_images"] == 2
     assert cat["n_anomalous"] == 1
 
 
 def test_eval_unknown_category_and_layout(synthetic_mvtec, capsys):
-    assert main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "nope",
-                 "--backbone", "random:tiny"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--root",
+                str(synthetic_mvtec),
+                "--layout",
+                "mvtec",
+                "--category",
+                "nope",
+                "--backbone",
+                "random:tiny",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "nope" in err
     assert "tex" in err
@@ -193,9 +320,21 @@ def test_console_script_and_benchmark_run(sample_images, tmp_path):
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-m", "vlad.cli", "scorers"], capture_output=True, text=True, check=True)
     assert "winclip" in proc.stdout
-    bench = subprocess.run([sys.executable, str(root / "benchmarks" / "speed.py"), "--backbone", "random:tiny",
-                            "--repeats", "1", "--device", "cpu"],
-                           capture_output=True, text=True, check=True)  # fmt: skip
+    bench = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "speed.py"),
+            "--backbone",
+            "random:tiny",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     line = json.loads(bench.stdout.strip().splitlines()[-1])
     assert line["scorer"] == "winclip"
     assert line["images_per_s"] > 0
@@ -210,15 +349,50 @@ def test_every_scorer_runs_through_detect_and_eval(scorer, sample_images, synthe
     for p in sorted(sample_images.iterdir())[:2]:
         (refs / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "out"
-    code = main(["detect", str(sample_images), "--object", "part", "--scorer", scorer, "--backbone", "random:tiny",
-                 "--refs", str(refs), "--out", str(out), "--device", "cpu", *extra])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            str(sample_images),
+            "--object",
+            "part",
+            "--scorer",
+            scorer,
+            "--backbone",
+            "random:tiny",
+            "--refs",
+            str(refs),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = _rows(out)
     assert len(rows) == 3
     assert all(r["scorer"] == scorer and r["error"] is None for r in rows)
     metrics = tmp_path / "m.json"
-    code = main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "tex", "--scorer", scorer,
-                 "--backbone", "random:tiny", "--shots", "2", "--out", str(metrics), *extra])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--root",
+            str(synthetic_mvtec),
+            "--layout",
+            "mvtec",
+            "--category",
+            "tex",
+            "--scorer",
+            scorer,
+            "--backbone",
+            "random:tiny",
+            "--shots",
+            "2",
+            "--out",
+            str(metrics),
+            *extra,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     data = json.loads(metrics.read_text())
     assert data["settings"]["scorer"] == scorer
@@ -226,23 +400,61 @@ def test_every_scorer_runs_through_detect_and_eval(scorer, sample_images, synthe
 
 
 def test_scorer_specific_options_are_checked(sample_images, tmp_path, capsys):
-    code = main(["detect", str(sample_images), "--object", "x", "--backbone", "random:tiny", "--detector", "owlv2",
-                 "--out", str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            str(sample_images),
+            "--object",
+            "x",
+            "--backbone",
+            "random:tiny",
+            "--detector",
+            "owlv2",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert "--detector applies to the filo scorer(s), not 'winclip'" in capsys.readouterr().err
 
 
 def test_laft_without_refs_is_a_clear_error(sample_images, tmp_path, capsys):
-    code = main(["detect", str(sample_images), "--object", "x", "--scorer", "laft", "--backbone", "random:tiny",
-                 "--out", str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            str(sample_images),
+            "--object",
+            "x",
+            "--scorer",
+            "laft",
+            "--backbone",
+            "random:tiny",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert "laft needs normal reference images" in capsys.readouterr().err
 
 
 def test_musc_scores_a_folder_as_one_batch(sample_images, tmp_path, capsys):
     out = tmp_path / "o"
-    code = main(["detect", str(sample_images), "--object", "x", "--scorer", "musc", "--backbone", "random:tiny",
-                 "--out", str(out), "--batch-size", "1"])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            str(sample_images),
+            "--object",
+            "x",
+            "--scorer",
+            "musc",
+            "--backbone",
+            "random:tiny",
+            "--out",
+            str(out),
+            "--batch-size",
+            "1",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = _rows(out)
     assert len(rows) == 3
@@ -251,9 +463,29 @@ def test_musc_scores_a_folder_as_one_batch(sample_images, tmp_path, capsys):
 
 def test_train_adapter_then_detect_with_it(synthetic_mvtec, sample_images, tmp_path, capsys):
     adapter = tmp_path / "adapters" / "tex-prompts"
-    code = main(["train-adapter", "--method", "crane-prompts", "--root", str(synthetic_mvtec), "--layout", "mvtec",
-                 "--category", "tex", "--epochs", "2", "--backbone", "random:tiny", "--device", "cpu",
-                 "--n-ctx", "4", "--out", str(adapter)])  # fmt: skip
+    code = main(
+        [
+            "train-adapter",
+            "--method",
+            "crane-prompts",
+            "--root",
+            str(synthetic_mvtec),
+            "--layout",
+            "mvtec",
+            "--category",
+            "tex",
+            "--epochs",
+            "2",
+            "--backbone",
+            "random:tiny",
+            "--device",
+            "cpu",
+            "--n-ctx",
+            "4",
+            "--out",
+            str(adapter),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert (adapter / "adapter.json").is_file()
     plain, tuned = tmp_path / "plain", tmp_path / "tuned"
@@ -264,9 +496,24 @@ def test_train_adapter_then_detect_with_it(synthetic_mvtec, sample_images, tmp_p
     assert [r["adapter"] for r in b] == [f"crane-prompts:{adapter.name}"] * 3
     assert a[0]["adapter"] is None
     assert any(x["pred_score"] != y["pred_score"] for x, y in zip(a, b, strict=True))
-    wrong = main(["detect", str(sample_images), "--object", "part", "--scorer", "crane", "--backbone",
-                  "random:ViT-B-16", "--image-size", "224", "--out", str(tmp_path / "w"),
-                  "--adapter", str(adapter)])  # fmt: skip
+    wrong = main(
+        [
+            "detect",
+            str(sample_images),
+            "--object",
+            "part",
+            "--scorer",
+            "crane",
+            "--backbone",
+            "random:ViT-B-16",
+            "--image-size",
+            "224",
+            "--out",
+            str(tmp_path / "w"),
+            "--adapter",
+            str(adapter),
+        ]
+    )
     assert wrong == 2
     err = capsys.readouterr().err
     assert "random:tiny" in err
@@ -275,13 +522,45 @@ def test_train_adapter_then_detect_with_it(synthetic_mvtec, sample_images, tmp_p
 
 def test_detect_explain_and_eval_lvlm_verdicts(synthetic_mvtec, sample_images, tmp_path, capsys):
     out = tmp_path / "o"
-    assert main(["detect", str(sample_images), "--object", "part", "--backbone", "random:tiny", "--out", str(out),
-                 "--explain"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                str(sample_images),
+                "--object",
+                "part",
+                "--backbone",
+                "random:tiny",
+                "--out",
+                str(out),
+                "--explain",
+            ]
+        )
+        == 0
+    )
     rows = _rows(out)
     assert all(r["explanation"] and r["lvlm"] == "template" and r["explain_error"] is None for r in rows)
     metrics = tmp_path / "m.json"
-    assert main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "tex", "--backbone",
-                 "random:tiny", "--lvlm", "template", "--out", str(metrics)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--root",
+                str(synthetic_mvtec),
+                "--layout",
+                "mvtec",
+                "--category",
+                "tex",
+                "--backbone",
+                "random:tiny",
+                "--lvlm",
+                "template",
+                "--out",
+                str(metrics),
+            ]
+        )
+        == 0
+    )
     verdicts = json.loads(metrics.read_text())["lvlm_verdicts"]
     assert verdicts["lvlm"] == "template"
     assert {"per_class", "macro_accuracy", "balanced_accuracy", "yes_rate", "unparseable_rate"} <= set(verdicts)
@@ -291,8 +570,20 @@ def test_detect_explain_and_eval_lvlm_verdicts(synthetic_mvtec, sample_images, t
 
 def test_detect_with_rules_records_hits(sample_images, tmp_path, capsys):
     out = tmp_path / "o"
-    code = main(["detect", str(sample_images), "--object", "part", "--backbone", "random:tiny", "--out", str(out),
-                 "--rules", "ignore the top left corner; a scratch is a defect; ignore colour"])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            str(sample_images),
+            "--object",
+            "part",
+            "--backbone",
+            "random:tiny",
+            "--out",
+            str(out),
+            "--rules",
+            "ignore the top left corner; a scratch is a defect; ignore colour",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = _rows(out)
     rules_seen = {h["rule"] for r in rows for h in r["rule_hits"]}
@@ -302,8 +593,20 @@ def test_detect_with_rules_records_hits(sample_images, tmp_path, capsys):
 
 
 def test_bad_rules_are_a_usage_error(sample_images, tmp_path, capsys):
-    code = main(["detect", str(sample_images), "--object", "part", "--backbone", "random:tiny", "--out",
-                 str(tmp_path / "o"), "--rules", "scratches are fine. scratches are critical"])  # fmt: skip
+    code = main(
+        [
+            "detect",
+            str(sample_images),
+            "--object",
+            "part",
+            "--backbone",
+            "random:tiny",
+            "--out",
+            str(tmp_path / "o"),
+            "--rules",
+            "scratches are fine. scratches are critical",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "scratches are fine" in err or "contradict" in err
@@ -311,8 +614,17 @@ def test_bad_rules_are_a_usage_error(sample_images, tmp_path, capsys):
 
 def test_eval_with_concept_rules_changes_scores(synthetic_mvtec, tmp_path):
     plain, ruled = tmp_path / "a.json", tmp_path / "b.json"
-    base = ["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--category", "tex", "--backbone",
-            "random:tiny"]  # fmt: skip
+    base = [
+        "eval",
+        "--root",
+        str(synthetic_mvtec),
+        "--layout",
+        "mvtec",
+        "--category",
+        "tex",
+        "--backbone",
+        "random:tiny",
+    ]
     assert main([*base, "--out", str(plain)]) == 0
     assert main([*base, "--out", str(ruled), "--rules", "ignore colour"]) == 0
     a = json.loads(plain.read_text())["per_category"]["tex"]["metrics"]

@@ -41,8 +41,21 @@ def _folder_dataset(root: Path, masks: str, size: int = 64) -> Path:
 def test_eval_folder_without_masks_reports_image_metrics_and_explains_missing_pixel_metrics(tmp_path, capsys):
     folder = _folder_dataset(tmp_path, masks="none")
     out = tmp_path / "m.json"
-    code = main(["eval", "--root", str(folder), "--layout", "folder", "--backbone", "random:tiny", "--device", "cpu",
-                 "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--root",
+            str(folder),
+            "--layout",
+            "folder",
+            "--backbone",
+            "random:tiny",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
@@ -70,8 +83,26 @@ def test_eval_saved_maps_are_raw_float32_at_input_size_and_reproduce_the_reporte
     # images 80 px, model input 64 px (random:tiny), pixel metrics at 32 px: the maps must be at 80 px
     folder = _folder_dataset(tmp_path, masks="some", size=80)
     out = tmp_path / "res" / "run.json"
-    code = main(["eval", "--root", str(folder), "--layout", "folder", "--backbone", "random:tiny", "--device", "cpu",
-                 "--eval-size", "32", "--batch-size", "3", "--out", str(out), "--save-maps"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--root",
+            str(folder),
+            "--layout",
+            "folder",
+            "--backbone",
+            "random:tiny",
+            "--device",
+            "cpu",
+            "--eval-size",
+            "32",
+            "--batch-size",
+            "3",
+            "--out",
+            str(out),
+            "--save-maps",
+        ]
+    )
     assert code == 0
     assert f"anomaly maps: {tmp_path / 'res' / 'run_maps'}" in capsys.readouterr().out
     data = json.loads(out.read_text())
@@ -109,11 +140,26 @@ def test_eval_saved_maps_are_raw_float32_at_input_size_and_reproduce_the_reporte
 def test_eval_maps_dir_implies_saving_and_save_maps_needs_a_place(tmp_path, capsys):
     folder = _folder_dataset(tmp_path, masks="none")
     maps_dir = tmp_path / "maps"
-    code = main(["eval", "--root", str(folder), "--layout", "folder", "--backbone", "random:tiny", "--device", "cpu",
-                 "--maps-dir", str(maps_dir)])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--root",
+            str(folder),
+            "--layout",
+            "folder",
+            "--backbone",
+            "random:tiny",
+            "--device",
+            "cpu",
+            "--maps-dir",
+            str(maps_dir),
+        ]
+    )
     assert code == 0
     assert sorted(p.relative_to(maps_dir).as_posix() for p in maps_dir.rglob("*.npy")) == [
-        *(f"widget/good/00{i}.npy" for i in range(3)), *(f"widget/scratch/00{i}.npy" for i in range(4))]  # fmt: skip
+        *(f"widget/good/00{i}.npy" for i in range(3)),
+        *(f"widget/scratch/00{i}.npy" for i in range(4)),
+    ]
     capsys.readouterr()
     code = main(["eval", "--root", str(folder), "--layout", "folder", "--backbone", "random:tiny", "--save-maps"])
     assert code == 2
@@ -133,8 +179,25 @@ def test_eval_always_reports_both_aupros_and_the_old_flag_is_a_no_op(synthetic_m
     runs = {}
     for flag in ([], ["--legacy-aupro"]):
         out = tmp_path / f"m{len(flag)}.json"
-        assert main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--backbone", "random:tiny",
-                     "--device", "cpu", "--out", str(out), *flag]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "eval",
+                    "--root",
+                    str(synthetic_mvtec),
+                    "--layout",
+                    "mvtec",
+                    "--backbone",
+                    "random:tiny",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(out),
+                    *flag,
+                ]
+            )
+            == 0
+        )
         runs[len(flag)] = (json.loads(out.read_text()), capsys.readouterr().out)
     (plain, table), (flagged, _) = runs[0], runs[1]
     metrics = plain["per_category"]["tex"]["metrics"]
@@ -146,8 +209,17 @@ def test_eval_always_reports_both_aupros_and_the_old_flag_is_a_no_op(synthetic_m
     assert "aupro_legacy" not in metrics
     assert flagged["per_category"]["tex"]["metrics"] == metrics
     header = next(x for x in table.splitlines() if x.startswith("category"))
-    assert header.split() == ["category", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO",
-                              "AUPRO-legacy"]  # fmt: skip
+    assert header.split() == [
+        "category",
+        "I-AUROC",
+        "I-AP",
+        "I-F1max",
+        "P-AUROC",
+        "P-AP",
+        "P-F1max",
+        "AUPRO",
+        "AUPRO-legacy",
+    ]
     row = next(x for x in table.splitlines() if x.startswith("tex"))
     assert len(row) <= len(header)
     assert row.split()[-1] == f"{100 * metrics['pixel_aupro_legacy']:.1f}"
@@ -172,8 +244,19 @@ def test_detect_save_maps_collision_safe_names_and_maps_reproduce_the_regions(tm
     for i, (path, size) in enumerate(zip(inputs, sizes, strict=True)):
         _image(path, size, seed=i)
     out = tmp_path / "out"
-    base = ["detect", *map(str, inputs), "--object", "part", "--backbone", "random:tiny", "--device", "cpu",
-            "--format", "json", "--save-maps"]  # fmt: skip
+    base = [
+        "detect",
+        *map(str, inputs),
+        "--object",
+        "part",
+        "--backbone",
+        "random:tiny",
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+        "--save-maps",
+    ]
     assert main([*base, "--out", str(out)]) == 0
     rows = json.loads(capsys.readouterr().out)["results"]
     assert [r["path"] for r in rows] == [str(p) for p in inputs]
@@ -199,15 +282,47 @@ def test_detect_save_maps_collision_safe_names_and_maps_reproduce_the_regions(tm
 
 
 def _report(out: Path, inputs: list[Path]) -> list[dict]:
-    assert main(["detect", *map(str, inputs), "--object", "part", "--backbone", "random:tiny", "--device", "cpu",
-                 "--out", str(out), "--no-overlay"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "detect",
+                *map(str, inputs),
+                "--object",
+                "part",
+                "--backbone",
+                "random:tiny",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--no-overlay",
+            ]
+        )
+        == 0
+    )
     assert not (out / "maps").exists()
     return [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
 
 
 def test_eval_progress_lines_on_a_non_terminal_stderr(synthetic_mvtec, tmp_path, capsys):
-    assert main(["eval", "--root", str(synthetic_mvtec), "--layout", "mvtec", "--backbone", "random:tiny",
-                 "--device", "cpu", "--batch-size", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--root",
+                str(synthetic_mvtec),
+                "--layout",
+                "mvtec",
+                "--backbone",
+                "random:tiny",
+                "--device",
+                "cpu",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval:")]
     assert err == ["eval: tex 2/6", "eval: tex 4/6", "eval: tex 6/6"]
 

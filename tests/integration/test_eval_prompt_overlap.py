@@ -15,8 +15,23 @@ def test_eval_warns_about_prompts_sharing_defect_names(tmp_path, capsys):
     for folder in ("test", "ground_truth"):  # a defect folder named like WinCLIP's state "{} with flaw"
         (root / "tex" / folder / "synthetic").rename(root / "tex" / folder / "with_flaw")
     out = tmp_path / "m.json"
-    code = main(["eval", "--root", str(root), "--layout", "mvtec", "--scorer", "winclip", "--backbone", "random:tiny",
-                 "--device", "cpu", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--root",
+            str(root),
+            "--layout",
+            "mvtec",
+            "--scorer",
+            "winclip",
+            "--backbone",
+            "random:tiny",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     message = "prompts share phrases with tex's defect names: with flaw"
     assert f"warning: {message}" in capsys.readouterr().out

@@ -15,20 +15,26 @@ from vlad.rules.cli import add_rules_option, load_rules_arg, register
 
 # Ten representative phrasings and the structured rule each must become (the fields that matter).
 TEN = [
-    ("scratches on the label are acceptable",
-     {"kind": "acceptable", "concept": "scratches", "where": {"positions": [], "box": None, "object": "label"}}),
+    (
+        "scratches on the label are acceptable",
+        {"kind": "acceptable", "concept": "scratches", "where": {"positions": [], "box": None, "object": "label"}},
+    ),
     ("any missing screw is a defect", {"kind": "defect", "concept": "missing screw", "severity": "major"}),
     ("a bent pin is critical", {"kind": "defect", "concept": "bent pin", "severity": "critical"}),
     ("ignore colour variation between batches", {"kind": "ignore_concept", "concept": "colour"}),
     ("focus on cracks", {"kind": "focus_concept", "concept": "cracks"}),
-    ("dents smaller than 1 % of the part are fine",
-     {"kind": "min_size", "value": 1.0, "unit": "percent_object", "concept": "dents"}),
+    (
+        "dents smaller than 1 % of the part are fine",
+        {"kind": "min_size", "value": 1.0, "unit": "percent_object", "concept": "dents"},
+    ),
     ("ignore anything under 50 pixels", {"kind": "min_size", "value": 50.0, "unit": "pixels", "concept": None}),
     ("only the upper half matters", {"kind": "region", "mode": "only", "positions": ["top half"], "box": None}),
-    ("ignore the bottom right corner",
-     {"kind": "region", "mode": "ignore", "positions": ["bottom right"], "box": None}),
+    (
+        "ignore the bottom right corner",
+        {"kind": "region", "mode": "ignore", "positions": ["bottom right"], "box": None},
+    ),
     ("a screw must be present", {"kind": "required_object", "object": "screw", "min_count": 1}),
-]  # fmt: skip
+]
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

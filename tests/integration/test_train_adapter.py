@@ -45,14 +45,47 @@ def cli():
 
 
 def _argv(method: str, root, out, *extra: str) -> list[str]:
-    return ["train-adapter", "--method", method, "--root", str(root), "--layout", "mvtec", "--synthetic",
-            "--epochs", "3", "--lr", "0.01", "--batch-size", "4", "--backbone", "random:tiny", "--device", "cpu",
-            "--image-size", str(SIZE), "--seed", "5", "--out", str(out), *extra]  # fmt: skip
+    return [
+        "train-adapter",
+        "--method",
+        method,
+        "--root",
+        str(root),
+        "--layout",
+        "mvtec",
+        "--synthetic",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "4",
+        "--backbone",
+        "random:tiny",
+        "--device",
+        "cpu",
+        "--image-size",
+        str(SIZE),
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _config(method: str, root) -> TrainConfig:
-    return TrainConfig(method=method, root=root, layout="mvtec", synthetic=True, epochs=3, lr=0.01, batch_size=4,
-                       image_size=SIZE, seed=5)  # fmt: skip
+    return TrainConfig(
+        method=method,
+        root=root,
+        layout="mvtec",
+        synthetic=True,
+        epochs=3,
+        lr=0.01,
+        batch_size=4,
+        image_size=SIZE,
+        seed=5,
+    )
 
 
 @pytest.fixture(scope="module")

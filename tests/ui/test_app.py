@@ -33,16 +33,26 @@ def test_build_app_has_the_endpoints(client):
 def test_chat_upload_then_question(client, uploads):
     from gradio_client import handle_file
 
-    out = client.predict({"text": "", "files": [handle_file(str(uploads["bad"]))]}, [], "part", "winclip", "", None,
-                         "", 0.5, api_name="/chat")  # fmt: skip
+    out = client.predict(
+        {"text": "", "files": [handle_file(str(uploads["bad"]))]},
+        [],
+        "part",
+        "winclip",
+        "",
+        None,
+        "",
+        0.5,
+        api_name="/chat",
+    )
     box, history, verdict, slider, regions, report = out
     assert any("part:" in str(m.get("content")) for m in history)
     assert "NORMAL" in verdict or "ANOMALOUS" in verdict
     assert report
     assert str(report).endswith("report.json")
     # the session (gr.State) remembers the image: the follow-up needs no history from the client
-    out = client.predict({"text": "how big is it?", "files": []}, [], "part", "winclip", "", None, "", 0.5,
-                         api_name="/chat")  # fmt: skip
+    out = client.predict(
+        {"text": "how big is it?", "files": []}, [], "part", "winclip", "", None, "", 0.5, api_name="/chat"
+    )
     answer = out[1][-1]
     assert answer["role"] == "assistant"
     assert "Drop a photo" not in str(answer["content"])
@@ -53,8 +63,9 @@ def test_batch_endpoint(client, uploads):
     from gradio_client import handle_file
 
     files = [handle_file(str(uploads["good"])), handle_file(str(uploads["bad"]))]
-    table, gallery, downloads, status = client.predict(files, None, "part", "winclip", "", None, "", 0.5,
-                                                       api_name="/batch")
+    table, gallery, downloads, status = client.predict(
+        files, None, "part", "winclip", "", None, "", 0.5, api_name="/batch"
+    )
     assert status == "2 of 2 images scored."
     assert [row[0] for row in table["data"]] == ["good.png", "defect.png"]
     assert len(downloads) == 2

@@ -13,8 +13,16 @@ import pytest
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM = os.environ.get("VLAD_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +80,9 @@ def test_upload_see_verdict_and_ask(browser, app_url, uploads):
     assert "random weights" in page.locator("#status").inner_text()
     page.locator("#product textarea").fill("bottle")
     _send(page, file=uploads["bad"])
-    page.wait_for_function("() => /NORMAL|ANOMALOUS/.test(document.querySelector('#verdict')?.innerText || '')",
-                           timeout=90_000)  # fmt: skip
+    page.wait_for_function(
+        "() => /NORMAL|ANOMALOUS/.test(document.querySelector('#verdict')?.innerText || '')", timeout=90_000
+    )
     page.wait_for_function("() => document.querySelector('#chat').innerText.includes('bottle:')", timeout=60_000)
     _shot(page, "ui-1-verdict")
     _send(page, text="how big is it?")

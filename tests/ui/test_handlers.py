@@ -78,10 +78,18 @@ def test_sensitivity_rethresholds_without_rescoring(service, uploads):
 
 def test_sessions_are_isolated(service, uploads):
     a, b = Session(), Session()
-    _run(service, {"text": "", "files": [str(uploads["bad"])]}, session=a, settings=("bottle", "winclip", "", None,
-                                                                                      "", 0.5))  # fmt: skip
-    _run(service, {"text": "", "files": [str(uploads["good"])]}, session=b, settings=("screw", "winclip", "", None,
-                                                                                       "", 0.5))  # fmt: skip
+    _run(
+        service,
+        {"text": "", "files": [str(uploads["bad"])]},
+        session=a,
+        settings=("bottle", "winclip", "", None, "", 0.5),
+    )
+    _run(
+        service,
+        {"text": "", "files": [str(uploads["good"])]},
+        session=b,
+        settings=("screw", "winclip", "", None, "", 0.5),
+    )
     assert a.inspection.product == "bottle"
     assert b.inspection.product == "screw"
     assert a.folder != b.folder

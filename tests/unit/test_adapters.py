@@ -37,16 +37,28 @@ from vlad.training import (
     load_item,
 )
 
-TINY_LORA = {"r": 2, "alpha": 4, "dropout": 0.0,
-             "target_modules": r"visual\.transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)"}  # fmt: skip
+TINY_LORA = {
+    "r": 2,
+    "alpha": 4,
+    "dropout": 0.0,
+    "target_modules": r"visual\.transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)",
+}
 
 
 def _metadata(**changes: object) -> AdapterMetadata:
     base = dict(
-        method="crane-prompts", backbone="random:tiny", layers=(1, 2, 3, 4), attention="qq+kk+vv", first_refined=1,
-        image_size=64, prompts={"normal": "X X X object.", "anomalous": "X X X damaged object."},
-        training_data={"root": "/data", "layout": "mvtec"}, epochs=1, date="2026-01-01T00:00:00+00:00", n_ctx=3,
-    )  # fmt: skip
+        method="crane-prompts",
+        backbone="random:tiny",
+        layers=(1, 2, 3, 4),
+        attention="qq+kk+vv",
+        first_refined=1,
+        image_size=64,
+        prompts={"normal": "X X X object.", "anomalous": "X X X damaged object."},
+        training_data={"root": "/data", "layout": "mvtec"},
+        epochs=1,
+        date="2026-01-01T00:00:00+00:00",
+        n_ctx=3,
+    )
     return AdapterMetadata(**{**base, **changes})  # type: ignore[arg-type]
 
 
@@ -314,9 +326,13 @@ def _good_only(tmp_path):
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"method": "dora"}, "unknown adapter method"), ({"epochs": 0}, "epochs must be"),
-     ({"lr": float("nan")}, "lr must be"), ({"limit": 0}, "limit must be")],
-)  # fmt: skip
+    [
+        ({"method": "dora"}, "unknown adapter method"),
+        ({"epochs": 0}, "epochs must be"),
+        ({"lr": float("nan")}, "lr must be"),
+        ({"limit": 0}, "limit must be"),
+    ],
+)
 def test_train_config_checks(change, message):
     config = TrainConfig(method="crane-prompts", root=".", layout="mvtec")
     with pytest.raises(ConfigError, match=message):

@@ -17,10 +17,14 @@ from vlad.errors import BackboneError, WeightsNotFoundError
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("openclip:ViT-L-14-336-quickgelu@openai", BackboneSpec("openclip:ViT-L-14-336-quickgelu@openai",
-                                                                "ViT-L-14-336-quickgelu", "openai", False)),
-        ("openclip:ViT-B-16-plus-240@laion400m_e31", BackboneSpec("openclip:ViT-B-16-plus-240@laion400m_e31",
-                                                                  "ViT-B-16-plus-240", "laion400m_e31", False)),
+        (
+            "openclip:ViT-L-14-336-quickgelu@openai",
+            BackboneSpec("openclip:ViT-L-14-336-quickgelu@openai", "ViT-L-14-336-quickgelu", "openai", False),
+        ),
+        (
+            "openclip:ViT-B-16-plus-240@laion400m_e31",
+            BackboneSpec("openclip:ViT-B-16-plus-240@laion400m_e31", "ViT-B-16-plus-240", "laion400m_e31", False),
+        ),
         ("openclip:local-dir:/x/y", BackboneSpec("openclip:local-dir:/x/y", "local-dir:/x/y", None, False)),
         ("openclip:hf-hub:org/repo", BackboneSpec("openclip:hf-hub:org/repo", "hf-hub:org/repo", None, False)),
         ("random:tiny", BackboneSpec("random:tiny", "vlad-tiny", None, True)),
@@ -31,9 +35,15 @@ def test_parse_spec(spec, expected):
     assert parse_spec(spec) == expected
 
 
-@pytest.mark.parametrize(("spec", "match"), [("", "empty"), ("random:", "needs a model name"),
-                                             ("openclip:ViT-B-16@", "openclip:NAME@TAG"),
-                                             ("nonsense-spec", "accepted: openclip:NAME@TAG")])
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("", "empty"),
+        ("random:", "needs a model name"),
+        ("openclip:ViT-B-16@", "openclip:NAME@TAG"),
+        ("nonsense-spec", "accepted: openclip:NAME@TAG"),
+    ],
+)
 def test_parse_spec_errors(spec, match):
     with pytest.raises(BackboneError, match=match):
         parse_spec(spec)

@@ -107,16 +107,29 @@ def test_bad_checkpoints_get_one_line_errors(deep, tmp_path):
     garbage.write_text("not a checkpoint")
     cases = [
         (garbage, "crane", "is not a PyTorch tensor checkpoint"),
-        (_write(tmp_path, {k: v for k, v in good.items() if k != "ctx_neg"}, "m.pth"), "crane",
-         r"missing key\(s\) \['ctx_neg'\]"),
+        (
+            _write(tmp_path, {k: v for k, v in good.items() if k != "ctx_neg"}, "m.pth"),
+            "crane",
+            r"missing key\(s\) \['ctx_neg'\]",
+        ),
         (_write(tmp_path, official_state(backbone, projections=True), "a.pth"), "crane", "use --format anomalyclip"),
-        (_write(tmp_path, {k: torch.zeros(*v.shape[:-1], 48) if v.is_floating_point() else v for k, v in good.items()},
-                "w.pth"), "crane", "context width 48 does not fit the text width 32 of random:vlad-test-deep"),
+        (
+            _write(
+                tmp_path,
+                {k: torch.zeros(*v.shape[:-1], 48) if v.is_floating_point() else v for k, v in good.items()},
+                "w.pth",
+            ),
+            "crane",
+            "context width 48 does not fit the text width 32 of random:vlad-test-deep",
+        ),
         (_write(tmp_path, official_state(backbone, depth=9), "d.pth"), "crane", "8 deep prompts need 9 text blocks"),
         (tmp_path / "absent.pth", "crane", "not found"),
-        (_write(tmp_path, good, "f.pth"), "winclip",
-         "unknown checkpoint format 'winclip'; allowed: crane, anomalyclip"),
-    ]  # fmt: skip
+        (
+            _write(tmp_path, good, "f.pth"),
+            "winclip",
+            "unknown checkpoint format 'winclip'; allowed: crane, anomalyclip",
+        ),
+    ]
     for path, fmt, message in cases:
         with pytest.raises(ConfigError, match=message) as info:
             import_checkpoint(path, fmt, spec, tmp_path / "out")
@@ -153,8 +166,24 @@ def test_cli_import_then_detect_with_the_adapter(deep, tmp_path, images, capsys)
     __import__("PIL.Image", fromlist=["Image"]).fromarray(images[0]).save(img)
     rows = []
     for extra in ([], ["--adapter", str(out)]):
-        rc = main(["detect", str(img), "--object", "part", "--scorer", "crane", "--backbone", spec, "--format",
-                   "json", "--no-overlay", "--out", str(tmp_path / f"o{len(extra)}"), *extra])  # fmt: skip
+        rc = main(
+            [
+                "detect",
+                str(img),
+                "--object",
+                "part",
+                "--scorer",
+                "crane",
+                "--backbone",
+                spec,
+                "--format",
+                "json",
+                "--no-overlay",
+                "--out",
+                str(tmp_path / f"o{len(extra)}"),
+                *extra,
+            ]
+        )
         assert rc == 0
         rows.append(json.loads((tmp_path / f"o{len(extra)}" / "report.jsonl").read_text().splitlines()[0]))
     assert rows[0]["pred_score"] != pytest.approx(rows[1]["pred_score"])

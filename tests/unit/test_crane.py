@@ -88,8 +88,9 @@ def test_few_shot_localises_a_planted_defect(tiny_backbone, texture_set):
 
 def test_crane_plus_dattn_adds_a_token_set(tiny_backbone, texture_set):
     plus = CraneScorer(tiny_backbone, dattn="random:dinov2-tiny", layers=(4,), soft_mean=False)
-    x = tiny_backbone.preprocess([__import__("PIL.Image", fromlist=["Image"]).fromarray(texture_set["bad"])],
-                                 plus.image_size)  # fmt: skip
+    x = tiny_backbone.preprocess(
+        [__import__("PIL.Image", fromlist=["Image"]).fromarray(texture_set["bad"])], plus.image_size
+    )
     feats = plus._extract(x)
     assert feats["dattn"].shape == feats["layer4"].shape
     assert not torch.allclose(feats["dattn"], feats["layer4"], atol=1e-3)

@@ -22,11 +22,18 @@ def test_normalize_text():
 
 
 def test_defect_names_per_category():
-    samples = [_sample("tile", "glue_strip"), _sample("tile", "good", 0), _sample("tile", "crack"),
-               _sample("candle", "chunk of wax missing,Different colour spot"), _sample("pcb1", "anomaly"),
-               _sample("candle", "other")]  # fmt: skip
-    assert defect_names(samples) == {"tile": ["crack", "glue strip"],
-                                     "candle": ["chunk of wax missing", "different color spot"]}  # fmt: skip
+    samples = [
+        _sample("tile", "glue_strip"),
+        _sample("tile", "good", 0),
+        _sample("tile", "crack"),
+        _sample("candle", "chunk of wax missing,Different colour spot"),
+        _sample("pcb1", "anomaly"),
+        _sample("candle", "other"),
+    ]
+    assert defect_names(samples) == {
+        "tile": ["crack", "glue strip"],
+        "candle": ["chunk of wax missing", "different color spot"],
+    }
 
 
 def test_shared_names_rule():
@@ -64,9 +71,15 @@ def test_shipped_filo_prompts_share_nothing_with_mvtec_names(tiny_backbone):
     from vlad.scorers.filo import FiloScorer
 
     filo = FiloScorer(tiny_backbone, detector="none")
-    samples = [_sample(c, d) for c, ds in {"tile": ["glue_strip", "gray_stroke", "oil", "rough", "crack"],
-                                            "bottle": ["broken_large", "contamination"],
-                                            "grid": ["broken", "bent", "glue"]}.items() for d in ds]  # fmt: skip
+    samples = [
+        _sample(c, d)
+        for c, ds in {
+            "tile": ["glue_strip", "gray_stroke", "oil", "rough", "crack"],
+            "bottle": ["broken_large", "contamination"],
+            "grid": ["broken", "bent", "glue"],
+        }.items()
+        for d in ds
+    ]
     assert prompt_overlap_warnings(filo, samples) == []
     filo.ensemble.extra_anomalous = ("{} with a glue strip",)  # e.g. a user rule copying a label
     assert prompt_overlap_warnings(filo, samples) == ["prompts share phrases with tile's defect names: glue strip"]

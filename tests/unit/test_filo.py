@@ -39,8 +39,11 @@ class FakeDetector:
     def detect(self, image, phrases, *, threshold=None):
         self.calls.append((list(phrases), threshold))
         w, h = image.size
-        out = [Box((x0 * w, y0 * h, x1 * w, y1 * h), s, p or phrases[0], image_size=(w, h))
-               for x0, y0, x1, y1, s, p in self.boxes if threshold is None or s > threshold]  # fmt: skip
+        out = [
+            Box((x0 * w, y0 * h, x1 * w, y1 * h), s, p or phrases[0], image_size=(w, h))
+            for x0, y0, x1, y1, s, p in self.boxes
+            if threshold is None or s > threshold
+        ]
         return sorted(out, key=lambda b: -b.score)
 
 
@@ -202,8 +205,12 @@ def test_paper_profile_sets_text_threshold_to_box_threshold(tiny_backbone, monke
     FiloScorer(tiny_backbone, detector="grounding-dino:/models/gd", box_threshold=0.3, profile="paper")
     FiloScorer(tiny_backbone, detector="owlv2", box_threshold=0.3)
     FiloScorer(tiny_backbone, detector="grounding-dino", box_threshold=0.3, profile="vlad")
-    assert seen == [("grounding-dino", {"text_threshold": 0.3}), ("grounding-dino:/models/gd", {"text_threshold": 0.3}),
-                    ("owlv2", {}), ("grounding-dino", {})]  # fmt: skip
+    assert seen == [
+        ("grounding-dino", {"text_threshold": 0.3}),
+        ("grounding-dino:/models/gd", {"text_threshold": 0.3}),
+        ("owlv2", {}),
+        ("grounding-dino", {}),
+    ]
 
 
 # ---------------------------------------------------------------------- the paper profile's map and score

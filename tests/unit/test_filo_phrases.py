@@ -29,8 +29,16 @@ from vlad.resources import load_prompt_file
 
 MVTEC_AD = {
     "bottle": ["broken_large", "broken_small", "contamination"],
-    "cable": ["bent_wire", "cable_swap", "combined", "cut_inner_insulation", "cut_outer_insulation", "missing_cable",
-              "missing_wire", "poke_insulation"],
+    "cable": [
+        "bent_wire",
+        "cable_swap",
+        "combined",
+        "cut_inner_insulation",
+        "cut_outer_insulation",
+        "missing_cable",
+        "missing_wire",
+        "poke_insulation",
+    ],
     "capsule": ["crack", "faulty_imprint", "poke", "scratch", "squeeze"],
     "carpet": ["color", "cut", "hole", "metal_contamination", "thread"],
     "grid": ["bent", "broken", "glue", "metal_contamination", "thread"],
@@ -43,39 +51,96 @@ MVTEC_AD = {
     "toothbrush": ["defective"],
     "transistor": ["bent_lead", "cut_lead", "damaged_case", "misplaced"],
     "wood": ["color", "combined", "hole", "liquid", "scratch"],
-    "zipper": ["broken_teeth", "combined", "fabric_border", "fabric_interior", "rough", "split_teeth",
-               "squeezed_teeth"],
-}  # fmt: skip
+    "zipper": [
+        "broken_teeth",
+        "combined",
+        "fabric_border",
+        "fabric_interior",
+        "rough",
+        "split_teeth",
+        "squeezed_teeth",
+    ],
+}
 """MVTec AD test folder names (Bergmann et al., CVPR 2019), "good" left out."""
 
 _PCB_1_3 = ["bent", "melt", "missing", "scratch"]
-_MACARONI = ["broken", "chip around edge and corner", "different colour spot", "middle breakage", "similar colour spot",
-             "small chip around edge", "small cracks", "small scratches", "breakage down the middle",
-             "color spot similar to the object", "different color spot"]  # fmt: skip
+_MACARONI = [
+    "broken",
+    "chip around edge and corner",
+    "different colour spot",
+    "middle breakage",
+    "similar colour spot",
+    "small chip around edge",
+    "small cracks",
+    "small scratches",
+    "breakage down the middle",
+    "color spot similar to the object",
+    "different color spot",
+]
 VISA = {
-    "candle": ["chunk of wax missing", "damaged corner of packaging", "different colour spot", "extra wax in candle",
-               "foreign particals on candle", "wax melded out of the candle", "weird candle wick"],
+    "candle": [
+        "chunk of wax missing",
+        "damaged corner of packaging",
+        "different colour spot",
+        "extra wax in candle",
+        "foreign particals on candle",
+        "wax melded out of the candle",
+        "weird candle wick",
+    ],
     "capsules": ["bubble", "discolor", "leak", "misshape", "scratch"],
-    "cashew": ["burnt", "corner or edge breakage", "different colour spot", "middle breakage", "same colour spot",
-               "small holes", "small scratches", "stuck together"],
+    "cashew": [
+        "burnt",
+        "corner or edge breakage",
+        "different colour spot",
+        "middle breakage",
+        "same colour spot",
+        "small holes",
+        "small scratches",
+        "stuck together",
+    ],
     "chewinggum": ["chunk of gum missing", "corner missing", "scratches", "similar colour spot", "small cracks"],
-    "fryum": ["burnt", "corner or edge breakage", "different colour spot", "fryum stuck together", "middle breakage",
-              "similar colour spot", "small scratches"],
+    "fryum": [
+        "burnt",
+        "corner or edge breakage",
+        "different colour spot",
+        "fryum stuck together",
+        "middle breakage",
+        "similar colour spot",
+        "small scratches",
+    ],
     "macaroni1": _MACARONI,
     "macaroni2": _MACARONI,
     "pcb1": _PCB_1_3,
     "pcb2": _PCB_1_3,
     "pcb3": _PCB_1_3,
     "pcb4": ["burnt", "damage", "dirt", "extra", "missing", "scratch", "wrong place"],
-    "pipe_fryum": ["burnt", "corner and edge breakage", "different colour spot", "middle breakage",
-                   "similar colour spot", "small scratches", "stuck together"],
-}  # fmt: skip
+    "pipe_fryum": [
+        "burnt",
+        "corner and edge breakage",
+        "different colour spot",
+        "middle breakage",
+        "similar colour spot",
+        "small scratches",
+        "stuck together",
+    ],
+}
 """VisA defect labels (Zou et al., ECCV 2022; the per-class image_anno.csv, "normal" and "other" left out), as
 written there, plus the macaroni variants of both halves."""
 
 DATASETS = {**MVTEC_AD, **VISA}
-SHORTHAND = {"combined", "defective", "misplaced", "flip", "poke", "squeeze", "print", "misshape", "discolor",
-             "extra", "melt"}  # fmt: skip
+SHORTHAND = {
+    "combined",
+    "defective",
+    "misplaced",
+    "flip",
+    "poke",
+    "squeeze",
+    "print",
+    "misshape",
+    "discolor",
+    "extra",
+    "melt",
+}
 UNIVERSAL = GENERIC_DEFECT_WORDS
 
 
@@ -144,9 +209,11 @@ def test_rule_3_no_class_list_copies_its_defect_names(bank, category):
 
 def test_rule_checks_catch_the_old_per_class_lists():
     """The rules reject the lists vlad shipped before (copies of MVTec's folder names)."""
-    old = {"tile": ["a crack", "glue strip", "grey stroke", "an oil stain", "a rough patch", "a chipped corner"],
-           "cable": ["a bent wire", "a cut outer insulation", "a missing wire", "a swapped wire colour"],
-           "capsule": ["a crack in the shell", "a squeezed shape", "a faulty imprint", "a poked hole"]}  # fmt: skip
+    old = {
+        "tile": ["a crack", "glue strip", "grey stroke", "an oil stain", "a rough patch", "a chipped corner"],
+        "cable": ["a bent wire", "a cut outer insulation", "a missing wire", "a swapped wire colour"],
+        "capsule": ["a crack in the shell", "a squeezed shape", "a faulty imprint", "a poked hole"],
+    }
     assert shared_names(old["tile"], MVTEC_AD["tile"]) == ["glue strip", "gray stroke"]
     assert shared_names(old["cable"], MVTEC_AD["cable"]) == ["bent wire", "cut outer insulation", "missing wire"]
     hits = [n for n in MVTEC_AD["capsule"] if normalize_text(n) not in UNIVERSAL and appears(n, old["capsule"])]

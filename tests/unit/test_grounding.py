@@ -43,18 +43,38 @@ def gdino_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = BertTokenizerFast(str(folder / "vocab.txt"), do_lower_case=True)
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 192})
     swin = SwinConfig(
-        embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=7, image_size=128,
-        out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4],
-    )  # fmt: skip
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=7,
+        image_size=128,
+        out_features=["stage2", "stage3", "stage4"],
+        out_indices=[2, 3, 4],
+    )
     text = dict(
-        model_type="bert", vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        model_type="bert",
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
         intermediate_size=37,
-    )  # fmt: skip
+    )
     config = GroundingDinoConfig(
-        backbone_config=swin, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32,
-        decoder_ffn_dim=32, encoder_attention_heads=4, decoder_attention_heads=4, num_queries=5, num_feature_levels=4,
-        encoder_n_points=1, decoder_n_points=1, max_text_len=16,
-    )  # fmt: skip
+        backbone_config=swin,
+        text_config=text,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        num_queries=5,
+        num_feature_levels=4,
+        encoder_n_points=1,
+        decoder_n_points=1,
+        max_text_len=16,
+    )
     torch.manual_seed(0)
     GroundingDinoForObjectDetection(config).save_pretrained(folder)
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
@@ -92,15 +112,25 @@ def owl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     special_ids = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
     config = Owlv2Config(
         text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-            max_position_embeddings=16, pad_token_id=vocab["<|endoftext|>"], **special_ids,
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            pad_token_id=vocab["<|endoftext|>"],
+            **special_ids,
         ),
         vision_config=dict(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
             num_attention_heads=4,
         ),
         projection_dim=32,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = Owlv2ForObjectDetection(config)
     with torch.no_grad():
@@ -130,8 +160,17 @@ def _check_boxes(boxes: list[Box], image: Image.Image, phrases: list[str]) -> No
         assert box.phrase in phrases
         assert box.image_size == (width, height)
         assert box.area == pytest.approx((x1 - x0) * (y1 - y0))
-        assert box.position in ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom",
-                                "bottom right")  # fmt: skip
+        assert box.position in (
+            "top left",
+            "top",
+            "top right",
+            "left",
+            "center",
+            "right",
+            "bottom left",
+            "bottom",
+            "bottom right",
+        )
         assert json.loads(json.dumps(box.to_dict()))["phrase"] == box.phrase
 
 
@@ -325,8 +364,14 @@ def test_box_fields_and_helpers():
     assert box.center == (25.0, 25.0)
     assert box.position == "left"  # x 25 < 90 / 3, y 20 <= 25 < 40
     assert box.position_in((30, 30)) == "bottom right"
-    assert box.to_dict() == {"bbox": [10.0, 20.0, 40.0, 30.0], "score": 0.9, "phrase": "screw", "area": 300.0,
-                             "center": [25.0, 25.0], "position": "left"}  # fmt: skip
+    assert box.to_dict() == {
+        "bbox": [10.0, 20.0, 40.0, 30.0],
+        "score": 0.9,
+        "phrase": "screw",
+        "area": 300.0,
+        "center": [25.0, 25.0],
+        "position": "left",
+    }
     with pytest.raises(ConfigError, match="needs the image size"):
         _ = Box((0, 0, 1, 1), 0.5, "x").position
     with pytest.raises(ConfigError, match="x0 <= x1"):

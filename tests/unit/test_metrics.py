@@ -462,6 +462,14 @@ def test_metrics_package_imports_only_numpy_and_scipy() -> None:
                 assert name.split(".")[0] in allowed, f"{source.name} imports {name}"
                 assert not name.startswith("vlad.") or name.startswith("vlad.metrics"), f"{source.name} imports {name}"
     assert set(vlad.metrics.__all__) == {
-        "aupro", "aupro_legacy", "auroc", "average_precision", "binarize_mask", "compute_image_metrics",
-        "compute_metrics", "compute_pixel_metrics", "f1_max", "macro_mean",
-    }  # fmt: skip
+        "aupro",
+        "aupro_legacy",
+        "auroc",
+        "average_precision",
+        "binarize_mask",
+        "compute_image_metrics",
+        "compute_metrics",
+        "compute_pixel_metrics",
+        "f1_max",
+        "macro_mean",
+    }

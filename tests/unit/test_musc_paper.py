@@ -50,8 +50,13 @@ def _reference_model(backbone: ClipBackbone, size: int, exact_gelu: bool) -> tor
 
 def _reference_features(model, images, size, layers):
     """Normalised global embeddings and raw block outputs (class token dropped), via forward hooks."""
-    tf = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
-                    T.Normalize(OPENAI_MEAN, OPENAI_STD)])  # fmt: skip
+    tf = T.Compose(
+        [
+            T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(OPENAI_MEAN, OPENAI_STD),
+        ]
+    )
     x = torch.stack([tf(Image.fromarray(im).convert("RGB")) for im in images])
     blocks = model.visual.transformer.resblocks
     batch_first = getattr(model.visual.transformer, "batch_first", True)

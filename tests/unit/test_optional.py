@@ -73,8 +73,9 @@ def test_vlad_scorers_lists_every_scorer_without_torch():
 
 def test_vlad_detect_without_torch_says_what_to_install(tmp_path):
     image = samples_dir() / "good_0.png"
-    done = _vlad_without_torch("detect", str(image), "--object", "part", "--backbone", "random:tiny",
-                               "--out", str(tmp_path / "out"))  # fmt: skip
+    done = _vlad_without_torch(
+        "detect", str(image), "--object", "part", "--backbone", "random:tiny", "--out", str(tmp_path / "out")
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == (
         "vlad detect: error: the winclip scorer needs the 'torch' package: pip install 'vlad[clip]'"

@@ -15,8 +15,15 @@ from vlad.thresholds import Thresholds, calibrate, normalize
 def _result(**overrides):
     amap = np.zeros((4, 6), np.float32)
     amap[1, 2] = 0.9
-    fields = dict(pred_score=0.7, normalized_score=0.7, anomaly_map=amap, pred_mask=amap > 0.5, pred_label=True,
-                  threshold=0.5, pixel_threshold=0.5)  # fmt: skip
+    fields = dict(
+        pred_score=0.7,
+        normalized_score=0.7,
+        anomaly_map=amap,
+        pred_mask=amap > 0.5,
+        pred_label=True,
+        threshold=0.5,
+        pixel_threshold=0.5,
+    )
     fields.update(overrides)
     return AnomalyResult(**fields)
 
@@ -28,8 +35,9 @@ def test_result_normalises_types_and_serialises():
     assert r.pred_label is True
     assert r.image_size == (6, 4)
     assert r.verdict == "anomalous"
-    r = r.replace(rule_hits=[RuleHit("scratches are fine", "region suppressed")],
-                  explanation=Explanation("a crack", "template"))  # fmt: skip
+    r = r.replace(
+        rule_hits=[RuleHit("scratches are fine", "region suppressed")], explanation=Explanation("a crack", "template")
+    )
     d = json.loads(json.dumps(r.to_dict()))
     assert d["rule_hits"] == [{"rule": "scratches are fine", "effect": "region suppressed", "detail": {}}]
     assert d["explanation"]["text"] == "a crack"
@@ -121,8 +129,9 @@ def test_rethreshold_matches_rescoring(tiny_backbone, texture_set):
 def test_detector_api_with_rules(texture_set):
     import vlad
 
-    det = vlad.Detector("winclip", backbone="random:tiny", device="cpu", object_name="texture",
-                        references=texture_set["refs"][:3])  # fmt: skip
+    det = vlad.Detector(
+        "winclip", backbone="random:tiny", device="cpu", object_name="texture", references=texture_set["refs"][:3]
+    )
     plain = det.detect(texture_set["bad"])
     ruled = det.detect(texture_set["bad"], rules="ignore colour; defects smaller than 50 % of the image are fine")
     assert plain.rule_hits == ()

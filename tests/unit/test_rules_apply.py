@@ -25,9 +25,15 @@ def planted(boxes: list[tuple[int, int, int, int]], *, label: bool = True, size:
         amap[y0:y1, x0:x1] = 1.0 - 0.01 * i  # distinct peaks keep the region order stable
     mask = amap >= 0.5
     return AnomalyResult(
-        pred_score=0.9 if label else 0.2, normalized_score=0.9 if label else 0.2, anomaly_map=amap, pred_mask=mask,
-        pred_label=label, threshold=0.5, pixel_threshold=0.5, regions=find_regions(amap, mask),
-    )  # fmt: skip
+        pred_score=0.9 if label else 0.2,
+        normalized_score=0.9 if label else 0.2,
+        anomaly_map=amap,
+        pred_mask=mask,
+        pred_label=label,
+        threshold=0.5,
+        pixel_threshold=0.5,
+        regions=find_regions(amap, mask),
+    )
 
 
 def painted(boxes: list[tuple[tuple[int, int, int, int], tuple[int, int, int]]]) -> np.ndarray:
@@ -215,8 +221,9 @@ def test_the_policy_and_severities_decide_the_verdict():
     raised = apply_rules(planted([BLUE_BOX], label=False), rules(text), image=IMAGE, backbone=ColourBackbone())
     assert raised.pred_label is True  # a critical dent fails the part even though the scorer passed it
     assert hits_of(raised, "verdict raised")[0].rule == "dents are critical"
-    unnamed = apply_rules(planted([GREEN_BOX], label=False), rules("dents are critical"), image=IMAGE,
-                          backbone=ColourBackbone())  # fmt: skip
+    unnamed = apply_rules(
+        planted([GREEN_BOX], label=False), rules("dents are critical"), image=IMAGE, backbone=ColourBackbone()
+    )
     assert unnamed.pred_label is False
     assert unnamed.rule_hits == ()
 
@@ -228,8 +235,9 @@ def test_acceptable_rules_respect_their_location():
     after = apply_rules(result, rules("scratches in the top left are fine"), image=image, backbone=ColourBackbone())
     assert [r.bbox for r in after.regions] == [red_bottom]
     label = FakeDetector({"label": [(70, 70, 100, 100)]})
-    on_label = apply_rules(result, rules("scratches on the label are fine"), image=image, backbone=ColourBackbone(),
-                           detector=label)  # fmt: skip
+    on_label = apply_rules(
+        result, rules("scratches on the label are fine"), image=image, backbone=ColourBackbone(), detector=label
+    )
     assert [r.bbox for r in on_label.regions] == [RED_BOX]
     unchecked = apply_rules(result, rules("scratches on the label are fine"), image=image, backbone=ColourBackbone())
     assert unchecked.regions == ()
@@ -251,8 +259,9 @@ def test_concept_rules_without_a_backbone_say_they_were_not_evaluated():
     assert len(after.regions) == 1
     assert after.pred_label is True
     assert [(h.rule, h.effect) for h in after.rule_hits] == [
-        ("scratches are fine", "not evaluated"), ("dents are critical", "not evaluated"),
-    ]  # fmt: skip
+        ("scratches are fine", "not evaluated"),
+        ("dents are critical", "not evaluated"),
+    ]
     assert "needs a CLIP backbone and the image" in after.rule_hits[0].detail["reason"]
 
 
@@ -264,8 +273,13 @@ def test_concept_matching_with_the_tiny_clip(tiny_backbone):
     assert sims.shape == (2, 3)
     assert np.isfinite(sims).all()
     assert np.abs(sims).max() <= 1.0 + 1e-5
-    after = apply_rules(planted([RED_BOX, BLUE_BOX]), rules("scratches are fine\ndents are critical"), image=IMAGE,
-                        backbone=tiny_backbone, object_name="bottle")  # fmt: skip
+    after = apply_rules(
+        planted([RED_BOX, BLUE_BOX]),
+        rules("scratches are fine\ndents are critical"),
+        image=IMAGE,
+        backbone=tiny_backbone,
+        object_name="bottle",
+    )
     suppressed = hits_of(after, "region suppressed")
     assert len(after.regions) + len(suppressed) == 2
     assert all(h.detail["concept"] == "scratches" for h in suppressed)

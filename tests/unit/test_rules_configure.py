@@ -34,7 +34,7 @@ def test_concepts_join_the_prompt_sets_and_change_the_score(tiny_backbone, textu
     assert [(h.rule, h.effect, h.detail["set"]) for h in hits] == [
         ("a bent pin is critical", "prompt added", "anomalous"),
         ("scratches on the label are fine", "prompt added", "normal"),
-    ]  # fmt: skip
+    ]
     assert scorer.ensemble.extra_anomalous == ("{} with bent pin",)
     assert scorer.ensemble.extra_normal == ("{} with scratches on the label",)
     normal, anomalous = scorer.prompts("bottle")
@@ -91,9 +91,10 @@ def test_scorers_without_prompts_say_not_applicable(tiny_backbone):
         scorer = get_scorer(name, backbone=tiny_backbone)
         hits = configure_scorer(scorer, rules(text))
         assert [(h.rule, h.effect) for h in hits] == [
-            ("a bent pin is critical", "not applicable"), ("scratches are fine", "not applicable"),
+            ("a bent pin is critical", "not applicable"),
+            ("scratches are fine", "not applicable"),
             ("ignore colour", "features transformed"),
-        ]  # fmt: skip
+        ]
         assert f"scorer {name} has no prompt ensemble" in hits[0].detail["reason"]
         assert scorer.transform.basis.concepts == ("colour",)
     filo = get_scorer("filo", backbone=tiny_backbone, detector="none")

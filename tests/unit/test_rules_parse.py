@@ -144,9 +144,16 @@ def test_contradictions_name_both_rules():
     )
     assert len(more.contradictions) == 4
     joined = "\n".join(more.contradictions)
-    for words in ("a dent is a minor defect", "dents are critical", "ignore colour", "focus on colour",
-                  "fail only on major defects", "fail only on critical defects", "only the top half matters",
-                  "ignore the upper half"):  # fmt: skip
+    for words in (
+        "a dent is a minor defect",
+        "dents are critical",
+        "ignore colour",
+        "focus on colour",
+        "fail only on major defects",
+        "fail only on critical defects",
+        "only the top half matters",
+        "ignore the upper half",
+    ):
         assert f'"{words}"' in joined
 
 
@@ -167,27 +174,37 @@ def test_a_clause_holding_two_rules_is_split(text):
 def test_relative_clauses_stay_whole():
     report = parse_rules("a screw that is loose is a defect\nscratches and dents are fine")
     assert [(r.kind, r.concept) for r in report.rules.rules] == [
-        ("defect", "screw that is loose"), ("acceptable", "scratches and dents"),
-    ]  # fmt: skip
+        ("defect", "screw that is loose"),
+        ("acceptable", "scratches and dents"),
+    ]
 
 
 def test_helpers():
     assert split_clauses("a. b 1.5 % c; d\n- e!") == ["a", "b 1.5 % c", "d", "e"]
     assert [singular(w) for w in ("screws", "boxes", "batteries", "glass", "bus", "pin")] == [
-        "screw", "box", "battery", "glass", "bus", "pin",
-    ]  # fmt: skip
+        "screw",
+        "box",
+        "battery",
+        "glass",
+        "bus",
+        "pin",
+    ]
     assert concept_key("The Scratches") == concept_key("a scratch") == "scratch"
 
 
 # ---------------------------------------------------------------------------------------------------- language model
 LLM_RULES = {
     "rules": [
-        {"kind": "acceptable", "concept": "scratches", "where": {"object": "label"},
-         "text": "Kratzer auf dem Etikett sind ok"},
+        {
+            "kind": "acceptable",
+            "concept": "scratches",
+            "where": {"object": "label"},
+            "text": "Kratzer auf dem Etikett sind ok",
+        },
         {"kind": "ignore_concept", "concept": "colour", "text": "Farbe ignorieren"},
     ],
     "policy": {"fail_at": "critical", "text": "nur kritische Fehler zählen"},
-}  # fmt: skip
+}
 
 
 def test_parsing_through_a_language_model(fake):

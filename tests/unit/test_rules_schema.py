@@ -108,8 +108,14 @@ def test_invalid_rules_give_one_line_errors(text, match):
 
 
 def test_profile_round_trip(tmp_path):
-    profile = ProductProfile(product="pcb", rules=full_ruleset(), references=["good/1.png", "/abs/2.png"],
-                             threshold=0.42, scorer="crane", backbone="random:tiny")  # fmt: skip
+    profile = ProductProfile(
+        product="pcb",
+        rules=full_ruleset(),
+        references=["good/1.png", "/abs/2.png"],
+        threshold=0.42,
+        scorer="crane",
+        backbone="random:tiny",
+    )
     for name in ("pcb.yaml", "sub/pcb.json"):
         path = save_profile(profile, tmp_path / name)
         loaded = load_profile(path)

@@ -37,8 +37,17 @@ class DinoPatches:
         if spec == "random:dinov2-tiny":
             from timm.models.vision_transformer import VisionTransformer
 
-            model = VisionTransformer(img_size=112, patch_size=14, embed_dim=32, depth=2, num_heads=2, reg_tokens=4,
-                                      no_embed_class=True, dynamic_img_size=True, num_classes=0)  # fmt: skip
+            model = VisionTransformer(
+                img_size=112,
+                patch_size=14,
+                embed_dim=32,
+                depth=2,
+                num_heads=2,
+                reg_tokens=4,
+                no_embed_class=True,
+                dynamic_img_size=True,
+                num_classes=0,
+            )
         elif spec.startswith("random:"):
             model = _create(timm, spec.removeprefix("random:"), pretrained=False)
         elif spec.startswith("timm:"):

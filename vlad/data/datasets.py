@@ -484,8 +484,11 @@ def _visa_defect_labels(root: Path, category: str) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         logger.warning("cannot read VisA defect labels from %s (%s); defects stay 'anomaly'", path, exc)
         return {}
-    return {_visa_key(r["image"], category): r["label"] for r in rows
-            if r.get("image") and r.get("label") and r["label"].lower() != "normal"}  # fmt: skip
+    return {
+        _visa_key(r["image"], category): r["label"]
+        for r in rows
+        if r.get("image") and r.get("label") and r["label"].lower() != "normal"
+    }
 
 
 def _visa_label(row: dict[str, str], root: Path) -> int:

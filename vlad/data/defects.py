@@ -25,11 +25,33 @@ from typing import Any
 _SPELLINGS = {"colour": "color", "coloured": "colored", "colours": "colors", "grey": "gray", "greyish": "grayish"}
 _NOT_DEFECTS = frozenset({"good", "anomaly", "normal", "other"})
 
-GENERIC_DEFECT_WORDS = frozenset({
-    "anomaly", "defect", "damage", "damaged", "broken", "contamination", "crack", "cracks", "scratch", "scratches",
-    "hole", "holes", "dent", "stain", "missing", "bent", "cut", "burnt", "chip", "rust", "corrosion", "deformation",
-    "discoloration",
-})  # fmt: skip
+GENERIC_DEFECT_WORDS = frozenset(
+    {
+        "anomaly",
+        "defect",
+        "damage",
+        "damaged",
+        "broken",
+        "contamination",
+        "crack",
+        "cracks",
+        "scratch",
+        "scratches",
+        "hole",
+        "holes",
+        "dent",
+        "stain",
+        "missing",
+        "bent",
+        "cut",
+        "burnt",
+        "chip",
+        "rust",
+        "corrosion",
+        "deformation",
+        "discoloration",
+    }
+)
 """The generic defect vocabulary (vlad's generic phrases, WinCLIP's states, FiLo's detector words): a bare one of
 these in a prompt is not a copied label, even where a benchmark uses it as a defect name."""
 

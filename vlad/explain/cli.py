@@ -44,8 +44,6 @@ __all__ = [
 # ---------------------------------------------------------------------- options
 
 
-
-
 def _add_lvlm_options(group: Any, *, lvlm_required: bool = False) -> None:
     group.add_argument(
         "--lvlm",

@@ -79,9 +79,7 @@ def check_same_shape(first: np.ndarray, second: np.ndarray, names: tuple[str, st
         names: the two argument names, in order, for the error message.
     """
     if first.shape != second.shape:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must have the same shape, got {first.shape} and {second.shape}"
-        )
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {first.shape} and {second.shape}")
 
 
 def check_fpr_limit(fpr_limit: float) -> float:

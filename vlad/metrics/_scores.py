@@ -110,9 +110,7 @@ def aupro(anomaly_maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> 
     return exact_aupro(rank(maps.ravel(), gt.ravel(), weights), n_regions, limit)
 
 
-def aupro_legacy(
-    anomaly_maps: ArrayLike, masks: ArrayLike, num_thresholds: int = 200, fpr_limit: float = 0.3
-) -> float:
+def aupro_legacy(anomaly_maps: ArrayLike, masks: ArrayLike, num_thresholds: int = 200, fpr_limit: float = 0.3) -> float:
     """The "paper-compatible" AUPRO of cflow-ad, copied by AnomalyCLIP, the VAND challenge code, Crane and others.
 
     This is NOT Bergmann's exact AUPRO (:func:`aupro`). It exists only so numbers can be compared with published

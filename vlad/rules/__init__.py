@@ -60,4 +60,3 @@ __all__ = [
     "save_rules",
     "score_with_rules",
 ]
-

@@ -387,8 +387,12 @@ def _suppress(ctx: _Context, finding: _Finding, rule: Any, **detail: Any) -> Non
 
 
 def _region_detail(region: Region) -> dict[str, Any]:
-    return {"bbox": list(region.bbox), "position": region.position, "area": region.area,
-            "area_fraction": round(region.area_fraction, 6)}  # fmt: skip
+    return {
+        "bbox": list(region.bbox),
+        "position": region.position,
+        "area": region.area,
+        "area_fraction": round(region.area_fraction, 6),
+    }
 
 
 def _centroid_in(region: Region, boxes: list[tuple[float, ...]], size: tuple[int, int]) -> bool:
@@ -475,8 +479,12 @@ def _crop(image: Image.Image, map_size: tuple[int, int], region: Region) -> Imag
     side = _MIN_CROP_FRACTION * min(w, h)
     half_w = max((x1 - x0) * sx * (1 + 2 * _CROP_PAD), side) / 2
     half_h = max((y1 - y0) * sy * (1 + 2 * _CROP_PAD), side) / 2
-    box = (max(0, int(cx - half_w)), max(0, int(cy - half_h)), min(w, int(np.ceil(cx + half_w))),
-           min(h, int(np.ceil(cy + half_h))))  # fmt: skip
+    box = (
+        max(0, int(cx - half_w)),
+        max(0, int(cy - half_h)),
+        min(w, int(np.ceil(cx + half_w))),
+        min(h, int(np.ceil(cy + half_h))),
+    )
     return image.crop(box)
 
 
@@ -530,8 +538,13 @@ def _apply_defects(ctx: _Context, findings: list[_Finding]) -> None:
         for f in findings:
             if f.kept and _names(f, rule.concept):
                 f.severity, f.severity_rule = rule.severity, rule.label
-                ctx.hit(rule, f"severity {rule.severity}", **_region_detail(f.region), concept=f.concept,
-                        similarity=f.similarity)  # fmt: skip
+                ctx.hit(
+                    rule,
+                    f"severity {rule.severity}",
+                    **_region_detail(f.region),
+                    concept=f.concept,
+                    similarity=f.similarity,
+                )
 
 
 # ---------------------------------------------------------------------------------------------------- verdict
@@ -547,8 +560,14 @@ def _check_required(ctx: _Context) -> list[str]:
         if len(boxes) < rule.min_count:
             failed.append(rule.label)
             spec = str(getattr(ctx.detector, "spec", type(ctx.detector).__name__))
-            ctx.hit(rule, "required object missing", object=rule.object, found=len(boxes), required=rule.min_count,
-                    detector=spec)  # fmt: skip
+            ctx.hit(
+                rule,
+                "required object missing",
+                object=rule.object,
+                found=len(boxes),
+                required=rule.min_count,
+                detector=spec,
+            )
     return failed
 
 
@@ -559,8 +578,11 @@ def _verdict(ctx: _Context, findings: list[_Finding], required_failed: list[str]
     fail_rank = severity_rank(policy.fail_at)
     below = [f for f in kept if f.severity is None and severity_rank(policy.default_severity) < fail_rank]
     touched = len(kept) < len(findings) or any(f.severity for f in kept) or bool(below)
-    failing = [f for f in kept if severity_rank(f.severity or policy.default_severity) >= fail_rank
-               and (before or f.severity is not None)]  # fmt: skip
+    failing = [
+        f
+        for f in kept
+        if severity_rank(f.severity or policy.default_severity) >= fail_rank and (before or f.severity is not None)
+    ]
     label = (bool(failing) if touched else before) or bool(required_failed)
     if label != before:
         if label:
@@ -568,15 +590,20 @@ def _verdict(ctx: _Context, findings: list[_Finding], required_failed: list[str]
         else:
             causes = [f.suppressed_by for f in findings if f.suppressed_by] + ([policy.label] * bool(below))
         detail = {"before": "anomalous" if before else "normal", "after": "anomalous" if label else "normal"}
-        ctx.hits += [RuleHit(c, "verdict raised" if label else "verdict lowered", dict(detail))
-                     for c in dict.fromkeys(c for c in causes if c)]  # fmt: skip
+        ctx.hits += [
+            RuleHit(c, "verdict raised" if label else "verdict lowered", dict(detail))
+            for c in dict.fromkeys(c for c in causes if c)
+        ]
     return label
 
 
 def _severities(ctx: _Context, findings: list[_Finding]) -> list[dict[str, Any]]:
     default = ctx.ruleset.policy.default_severity
-    return [{"bbox": list(f.region.bbox), "severity": f.severity or default, "concept": f.concept,
-             "rule": f.severity_rule} for f in findings if f.kept]  # fmt: skip
+    return [
+        {"bbox": list(f.region.bbox), "severity": f.severity or default, "concept": f.concept, "rule": f.severity_rule}
+        for f in findings
+        if f.kept
+    ]
 
 
 def _remove_suppressed(mask: np.ndarray, regions: list[Region]) -> np.ndarray:

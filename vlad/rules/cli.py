@@ -36,10 +36,19 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     r = subparsers.add_parser("rules", help="natural-language anomaly rules: see how vlad understands them")
     sub = r.add_subparsers(dest="rules_command", required=True)
     c = sub.add_parser("check", help="parse rules and print what vlad understood (exit 1 if not everything)")
-    c.add_argument("rules", nargs="+", metavar="TEXT_OR_FILE", help="rules in words (several arguments are several "
-                   "rules) or one .yaml / .yml / .json / .txt file")  # fmt: skip
-    c.add_argument("--lvlm", default=None, metavar="SPEC", help="parse through a language model first, e.g. "
-                   "openai:http://127.0.0.1:8000/v1 (falls back to the built-in parser, and says so)")  # fmt: skip
+    c.add_argument(
+        "rules",
+        nargs="+",
+        metavar="TEXT_OR_FILE",
+        help="rules in words (several arguments are several rules) or one .yaml / .yml / .json / .txt file",
+    )
+    c.add_argument(
+        "--lvlm",
+        default=None,
+        metavar="SPEC",
+        help="parse through a language model first, e.g. "
+        "openai:http://127.0.0.1:8000/v1 (falls back to the built-in parser, and says so)",
+    )
     c.add_argument("--lvlm-timeout", type=float, default=60.0, metavar="SECONDS", help="default 60")
     c.add_argument("--format", choices=["table", "json"], default="table", help="what to print")
     return {"rules": run_rules}

@@ -113,8 +113,12 @@ class OpenAIJsonClient:
         """The reply text; ``json_schema`` is sent as ``response_format``."""
         if self.model is None:
             self.model = self.client.models.list().data[0].id
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
-                                  "temperature": 0.0}  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+        }
         if json_schema is not None:
             kwargs["response_format"] = {"type": "json_schema", "json_schema": json_schema}
         response = self.client.chat.completions.create(**kwargs)

@@ -476,8 +476,10 @@ def _read_defect(norm: str, text: str) -> list[Any] | None:
         if m:
             subject = _check_subject(m.group("subj"))
             if not subject or _is_generic(subject):
-                raise NotUnderstood("this names no kind of defect; to set which severity fails a part write "
-                                    "e.g. 'fail only on major defects'")  # fmt: skip
+                raise NotUnderstood(
+                    "this names no kind of defect; to set which severity fails a part write "
+                    "e.g. 'fail only on major defects'"
+                )
             severity = _severity_of(m.group("sev")) if m.groupdict().get("sev") else "major"
             return [DefectRule(concept=subject, severity=severity, text=text)]
     return None
@@ -513,8 +515,14 @@ def _acceptable_rule(subject: str, text: str) -> AcceptableRule:
 
 
 _READERS: tuple[Callable[[str, str], list[Any] | None], ...] = (
-    _read_policy, _read_required, _read_size, _read_region, _read_laft, _read_defect, _read_acceptable,
-)  # fmt: skip
+    _read_policy,
+    _read_required,
+    _read_size,
+    _read_region,
+    _read_laft,
+    _read_defect,
+    _read_acceptable,
+)
 
 
 # ---------------------------------------------------------------------------------------------------- contradictions
@@ -529,8 +537,10 @@ def find_contradictions(rules: list[Any], policies: list[VerdictPolicy]) -> list
     for i, a in enumerate(policies):
         for b in policies[i + 1 :]:
             if a.fail_at != b.fail_at:
-                out.append(f"{_quote(a)} contradicts {_quote(b)}: the part cannot fail at both {a.fail_at} and "
-                           f"{b.fail_at} defects")  # fmt: skip
+                out.append(
+                    f"{_quote(a)} contradicts {_quote(b)}: the part cannot fail at both {a.fail_at} and "
+                    f"{b.fail_at} defects"
+                )
     return out
 
 

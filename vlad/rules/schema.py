@@ -313,8 +313,14 @@ Rule = Annotated[
     Field(discriminator="kind"),
 ]
 RULE_KINDS: tuple[str, ...] = (
-    "defect", "acceptable", "ignore_concept", "focus_concept", "min_size", "region", "required_object",
-)  # fmt: skip
+    "defect",
+    "acceptable",
+    "ignore_concept",
+    "focus_concept",
+    "min_size",
+    "region",
+    "required_object",
+)
 
 
 class VerdictPolicy(_Model):

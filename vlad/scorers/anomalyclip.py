@@ -51,8 +51,14 @@ class AnomalyClipScorer(CraneScorer):
         super().__init__(backbone, attention=attention, **kwargs)  # type: ignore[arg-type]
 
     def _dense(self, x: torch.Tensor) -> DenseOutput:
-        return dense_forward(self.backbone, x, self.layers, attention=self.attention, first_refined=self.first_refined,
-                             pos_interpolation=self.pos_interpolation)  # fmt: skip
+        return dense_forward(
+            self.backbone,
+            x,
+            self.layers,
+            attention=self.attention,
+            first_refined=self.first_refined,
+            pos_interpolation=self.pos_interpolation,
+        )
 
     def _extract(self, x: torch.Tensor) -> Features:
         out = self._dense(x)

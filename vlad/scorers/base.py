@@ -290,8 +290,14 @@ class Scorer:
             backbone=self.backbone.spec,
             timings=timings,
             warnings=self.warnings(),
-            meta={"pixel_scale": th.pixel_scale, "image_size": self.image_size, "references": self._n_references,
-                  "sensitivity": self.sensitivity, "adapter": self.adapter, "profile": self.profile},  # fmt: skip
+            meta={
+                "pixel_scale": th.pixel_scale,
+                "image_size": self.image_size,
+                "references": self._n_references,
+                "sensitivity": self.sensitivity,
+                "adapter": self.adapter,
+                "profile": self.profile,
+            },
         )
 
     def warnings(self) -> tuple[str, ...]:

@@ -128,8 +128,10 @@ class CraneScorer(Scorer):
         out = super().warnings()
         if self.paper and self._text_override is None and self.checkpoint_format:
             hint = f"vlad import-checkpoint --format {self.checkpoint_format}"
-            out += (f"{self.name} runs the paper profile with training-free prompts: the published numbers need the "
-                    f"released learned prompts ({hint})",)  # fmt: skip
+            out += (
+                f"{self.name} runs the paper profile with training-free prompts: the published numbers need the "
+                f"released learned prompts ({hint})",
+            )
         return out
 
     checkpoint_format: str | None = "crane"  # which official release carries this scorer's learned prompts
@@ -157,8 +159,15 @@ class CraneScorer(Scorer):
 
     def _dense(self, x: torch.Tensor) -> DenseOutput:
         values = None if self.dattn is None else ("mid" if self.paper else "input")
-        return dense_forward(self.backbone, x, self.layers, attention=self.attention, first_refined=self.first_refined,
-                             keep_values=values, pos_interpolation=self.pos_interpolation)  # fmt: skip
+        return dense_forward(
+            self.backbone,
+            x,
+            self.layers,
+            attention=self.attention,
+            first_refined=self.first_refined,
+            keep_values=values,
+            pos_interpolation=self.pos_interpolation,
+        )
 
     def _dattn_tokens(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """(B, N, D) D-Attn tokens: DINO patch similarity applied to the last block's CLIP values."""

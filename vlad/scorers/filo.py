@@ -178,8 +178,12 @@ class FiloScorer(CraneScorer):
         """Everything FiLo writes into prompts and the detector caption for ``object_name``: normal and generic
         states, user-added phrases, the general detector words and the defect phrases."""
         states = [s.format(object=object_name) for s in self.bank["generic_states"]]
-        return [*super().prompt_phrases(object_name), *states, *self.bank["detector_words"],
-                *defect_phrases(object_name, self.bank)]  # fmt: skip
+        return [
+            *super().prompt_phrases(object_name),
+            *states,
+            *self.bank["detector_words"],
+            *defect_phrases(object_name, self.bank),
+        ]
 
     def _abnormal_prompts(self, object_name: str) -> list[list[str]]:
         """Nine lists (one per position word) of position-enhanced abnormal prompts."""
@@ -190,10 +194,16 @@ class FiloScorer(CraneScorer):
         per_position = []
         for position in POSITION_WORDS:
             prompts = [t.format(object=object_name, detail=d, position=position) for t in templates for d in details]
-            prompts += [t.format(state=s.format(object=object_name), position=position)
-                        for t in state_templates for s in self.bank["generic_states"]]  # fmt: skip
-            prompts += [t.format(state=s.format(object_name), position=position)  # user rules' defect concepts
-                        for t in state_templates for s in self.ensemble.extra_anomalous]  # fmt: skip
+            prompts += [
+                t.format(state=s.format(object=object_name), position=position)
+                for t in state_templates
+                for s in self.bank["generic_states"]
+            ]
+            prompts += [
+                t.format(state=s.format(object_name), position=position)  # user rules' defect concepts
+                for t in state_templates
+                for s in self.ensemble.extra_anomalous
+            ]
             per_position.append(prompts)
         return per_position
 
@@ -292,8 +302,9 @@ class FiloScorer(CraneScorer):
         probs = torch.softmax(up, dim=1)[:, 1]  # FiLo.py:696; test.py:622 (p_a - p_n + 1) / 2 = p_a
         if memory is not None:  # vlad's few-shot addition: the patch memory's map, fused 50/50 before the blur
             few = torch.stack([min_cosine_distance(f, memory[k]) / 2 for k, f in self._memory_pairs(feats)]).mean(0)
-            few_up = F.interpolate(few.reshape(batch, 1, *self.grid), size=(size, size), mode="bilinear",
-                                   align_corners=True)[:, 0]  # fmt: skip
+            few_up = F.interpolate(
+                few.reshape(batch, 1, *self.grid), size=(size, size), mode="bilinear", align_corners=True
+            )[:, 0]
             probs = (probs.reshape(n_sets, batch, size, size) + few_up) / 2
         blurred = gaussian_blur(probs.reshape(-1, size, size), 4.0, radius=1, border="reflect")  # test.py:506, 621
         maps = blurred.reshape(n_sets, batch, size, size).mean(0)  # test.py:625-627

@@ -234,10 +234,26 @@ def official_block(
     attn = block.attn
     y = block.ln_1(x)
     a, _ = F.multi_head_attention_forward(
-        y, y, y, attn.embed_dim, attn.num_heads, attn.in_proj_weight, attn.in_proj_bias, attn.bias_k, attn.bias_v,
-        attn.add_zero_attn, attn.dropout, attn.out_proj.weight, attn.out_proj.bias, training=False,
-        key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False,
-    )  # fmt: skip
+        y,
+        y,
+        y,
+        attn.embed_dim,
+        attn.num_heads,
+        attn.in_proj_weight,
+        attn.in_proj_bias,
+        attn.bias_k,
+        attn.bias_v,
+        attn.add_zero_attn,
+        attn.dropout,
+        attn.out_proj.weight,
+        attn.out_proj.bias,
+        training=False,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    )
     x = x + block.ls_1(a)
     mlp = block.mlp
     return x + block.ls_2(mlp.c_proj(act(mlp.c_fc(block.ln_2(x)))))
@@ -517,8 +533,9 @@ class MuscScorer(Scorer):
         with ctx:
             h = visual.conv1(x)
             h = h.reshape(h.shape[0], h.shape[1], -1).permute(0, 2, 1)
-            cls = visual.class_embedding.to(h.dtype) + torch.zeros(h.shape[0], 1, h.shape[-1], dtype=h.dtype,
-                                                                   device=h.device)  # fmt: skip
+            cls = visual.class_embedding.to(h.dtype) + torch.zeros(
+                h.shape[0], 1, h.shape[-1], dtype=h.dtype, device=h.device
+            )
             h = torch.cat([cls, h], dim=1)
             h = h + pos.to(h.dtype)
             h = visual.ln_pre(visual.patch_dropout(h))
@@ -674,11 +691,15 @@ class MuscScorer(Scorer):
         """The base warnings, the small-batch one of the latest :meth:`score_many` and profile notes."""
         extra = [self._batch_warning] if self._batch_warning else []
         if self.profile == "paper" and not self.paper:
-            extra.append("musc: concept steering acts on joint-space tokens, which the paper profile does not use; "
-                         "these scores come from the vlad profile")  # fmt: skip
+            extra.append(
+                "musc: concept steering acts on joint-space tokens, which the paper profile does not use; "
+                "these scores come from the vlad profile"
+            )
         elif self.paper and self.backbone.dtype != torch.float32:
-            extra.append(f"musc paper profile on {self.backbone.dtype} weights: the reference keeps fp32 weights, so "
-                         "scores differ from the official code's beyond float rounding")  # fmt: skip
+            extra.append(
+                f"musc paper profile on {self.backbone.dtype} weights: the reference keeps fp32 weights, so "
+                "scores differ from the official code's beyond float rounding"
+            )
         return super().warnings() + tuple(extra)
 
     def describe(self) -> dict[str, Any]:
