@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from vlad.regions import find_regions
 from vlad.result import AnomalyResult
-from vlad.thresholds import check_sensitivity, normalize
+from vlad.thresholds import Thresholds
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -93,19 +92,4 @@ def rethreshold(result: AnomalyResult, sensitivity: float) -> AnomalyResult:
     """The same result at another sensitivity, without re-scoring: thresholds shift by ``(old - new) * scale`` (see
     :mod:`vlad.thresholds`), and the mask, regions, label and normalised score follow. Rule effects are not
     re-applied (apply the rules again to the returned result)."""
-    check_sensitivity(sensitivity)
-    shift = float(result.meta.get("sensitivity", 0.5)) - sensitivity
-    pixel_scale = float(result.meta.get("pixel_scale", result.score_scale))
-    threshold = result.threshold + shift * result.score_scale
-    pixel_threshold = result.pixel_threshold + shift * pixel_scale
-    mask = result.anomaly_map >= pixel_threshold
-    return result.replace(
-        threshold=threshold,
-        pixel_threshold=pixel_threshold,
-        pred_mask=mask,
-        regions=find_regions(result.anomaly_map, mask),
-        pred_label=result.pred_score >= threshold,
-        normalized_score=normalize(result.pred_score, threshold, result.score_scale),
-        rule_hits=(),
-        meta={**result.meta, "sensitivity": sensitivity},
-    )
+    return Thresholds.of(result).with_sensitivity(sensitivity).apply(result)

@@ -18,29 +18,76 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vlad.errors import ConfigError
+from vlad.regions import find_regions
+
+if TYPE_CHECKING:
+    from vlad.result import AnomalyResult
 
 MIN_REFERENCES_FOR_CALIBRATION = 2
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Image and pixel thresholds in raw units, their scales, and where they came from."""
+    """Image and pixel thresholds in raw units, their scales, where they came from and the sensitivity applied.
+
+    The one value a result's verdict, mask, regions and normalised score derive from (:meth:`fields_for` at scoring
+    time, :meth:`apply` when re-thresholding); :meth:`of` reads it back from a result.
+    """
 
     image: float
     pixel: float
     image_scale: float = 1.0
     pixel_scale: float = 1.0
     source: str = "default"
+    sensitivity: float = 0.5
+
+    @classmethod
+    def of(cls, result: AnomalyResult) -> Thresholds:
+        """The thresholds a result was decided with (its flat fields and ``meta`` hold the same values)."""
+        return cls(
+            image=result.threshold,
+            pixel=result.pixel_threshold,
+            image_scale=result.score_scale,
+            pixel_scale=float(result.meta.get("pixel_scale", result.score_scale)),
+            source=result.threshold_source,
+            sensitivity=float(result.meta.get("sensitivity", 0.5)),
+        )
 
     def with_sensitivity(self, sensitivity: float) -> Thresholds:
-        """Shift both thresholds by ``(0.5 - sensitivity) * scale``."""
+        """Move both thresholds from the current sensitivity to ``sensitivity``: by ``(old - new) * scale``."""
         check_sensitivity(sensitivity)
-        shift = 0.5 - sensitivity
-        return replace(self, image=self.image + shift * self.image_scale, pixel=self.pixel + shift * self.pixel_scale)
+        shift = self.sensitivity - sensitivity
+        return replace(
+            self,
+            image=self.image + shift * self.image_scale,
+            pixel=self.pixel + shift * self.pixel_scale,
+            sensitivity=sensitivity,
+        )
+
+    def fields_for(self, score: float, anomaly_map: np.ndarray) -> dict[str, Any]:
+        """The :class:`~vlad.result.AnomalyResult` fields these thresholds decide for a raw score and its map."""
+        mask = anomaly_map >= self.pixel
+        return {
+            "pred_label": score >= self.image,
+            "normalized_score": normalize(score, self.image, self.image_scale),
+            "pred_mask": mask,
+            "regions": find_regions(anomaly_map, mask),
+            "threshold": self.image,
+            "pixel_threshold": self.pixel,
+            "score_scale": self.image_scale,
+            "threshold_source": self.source,
+        }
+
+    def apply(self, result: AnomalyResult) -> AnomalyResult:
+        """``result`` re-thresholded with these thresholds (no re-scoring); rule effects are dropped."""
+        meta = {**result.meta, "pixel_scale": self.pixel_scale, "sensitivity": self.sensitivity}
+        fields = self.fields_for(result.pred_score, result.anomaly_map)
+        return result.replace(**fields, rule_hits=(), meta=meta)
 
     def with_user_threshold(self, threshold: float) -> Thresholds:
         if not np.isfinite(threshold):

@@ -138,3 +138,23 @@ def test_detector_api_with_rules(texture_set):
     assert {h.rule for h in ruled.rule_hits} >= {"ignore colour"}
     assert ruled.pred_score != plain.pred_score  # LAFT changed the features
     assert all(r.area_fraction >= 0.5 for r in ruled.regions)
+
+
+def test_thresholds_are_one_value_used_at_scoring_and_re_thresholding(tiny_backbone, texture_set):
+    from vlad.api import rethreshold
+    from vlad.scorers import get_scorer
+
+    scorer = get_scorer("winclip", backbone=tiny_backbone, sensitivity=0.5)
+    base = scorer.score(texture_set["bad"], "texture")
+    assert Thresholds.of(base) == scorer.thresholds("texture")
+    scorer.sensitivity = 0.9
+    fresh = scorer.score(texture_set["bad"], "texture")
+    moved = rethreshold(base, 0.9)
+    assert Thresholds.of(moved) == Thresholds.of(fresh)
+    assert (moved.pred_label, moved.normalized_score, moved.regions) == (
+        fresh.pred_label,
+        fresh.normalized_score,
+        fresh.regions,
+    )
+    np.testing.assert_array_equal(moved.pred_mask, fresh.pred_mask)
+    assert Thresholds.of(rethreshold(moved, 0.5)) == Thresholds.of(base)

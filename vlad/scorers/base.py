@@ -27,9 +27,8 @@ from PIL import Image
 from vlad.backbones import load_backbone
 from vlad.backbones.clip import ClipBackbone
 from vlad.errors import ConfigError
-from vlad.regions import find_regions
 from vlad.result import AnomalyResult
-from vlad.thresholds import MIN_REFERENCES_FOR_CALIBRATION, Thresholds, calibrate, check_sensitivity, normalize
+from vlad.thresholds import MIN_REFERENCES_FOR_CALIBRATION, Thresholds, calibrate, check_sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -272,20 +271,12 @@ class Scorer:
         return self._smooth(up)[0].cpu().numpy().astype(np.float32)
 
     def _result(self, score: float, amap: np.ndarray, th: Thresholds, timings: dict, t_start: float) -> AnomalyResult:
-        mask = amap >= th.pixel
-        regions = find_regions(amap, mask)
+        decided = th.fields_for(score, amap)
         timings = {**timings, "postprocess": time.perf_counter() - t_start}
         return AnomalyResult(
             pred_score=score,
-            normalized_score=normalize(score, th.image, th.image_scale),
             anomaly_map=amap,
-            pred_mask=mask,
-            pred_label=score >= th.image,
-            threshold=th.image,
-            pixel_threshold=th.pixel,
-            score_scale=th.image_scale,
-            threshold_source=th.source,
-            regions=regions,
+            **decided,
             scorer=self.name,
             backbone=self.backbone.spec,
             timings=timings,
@@ -294,7 +285,7 @@ class Scorer:
                 "pixel_scale": th.pixel_scale,
                 "image_size": self.image_size,
                 "references": self._n_references,
-                "sensitivity": self.sensitivity,
+                "sensitivity": th.sensitivity,
                 "adapter": self.adapter,
                 "profile": self.profile,
             },
