@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,35 +16,38 @@ import numpy as np
 
 import vlad
 from vlad._optional import require
-from vlad.cli_common import EXIT_OK, EXIT_PARTIAL, UsageError, build_scorer, emit_json
+from vlad.cli_common import EXIT_OK, EXIT_PARTIAL, UsageError, build_detector, emit_json
 from vlad.errors import ImageLoadError
 
 # ---------------------------------------------------------------------- shared
 
 
-def _progress(n_items: int, step: int, command: str, label: str = "") -> Iterator[int]:
-    """Batch starts ``range(0, n_items, step)`` with progress on stderr, counted in images.
+class _Progress:
+    """``progress(done, total)`` for the pipeline, on stderr, counted in images.
 
     On a terminal: a tqdm bar (none for tiny jobs). Otherwise (logs, CI, pipes): a line such as ``eval: bottle 40/83``
     about every 10 %, never one per image.
     """
-    if sys.stderr.isatty():
-        from tqdm import tqdm
 
-        desc = f"{command} {label}".strip()
-        with tqdm(total=n_items, desc=desc, unit="img", disable=n_items < 4, leave=False) as bar:
-            for start in range(0, n_items, step):
-                yield start
-                bar.update(min(step, n_items - start))
-        return
-    prefix = f"{command}: {label} " if label else f"{command}: "
-    tenths = 0
-    for start in range(0, n_items, step):
-        yield start
-        done = min(start + step, n_items)
-        if 10 * done // n_items > tenths:
-            tenths = 10 * done // n_items
-            print(f"{prefix}{done}/{n_items}", file=sys.stderr, flush=True)
+    def __init__(self, command: str, label: str = "") -> None:
+        self.desc = f"{command} {label}".strip()
+        self.prefix = f"{command}: {label} " if label else f"{command}: "
+        self.bar: Any = None
+        self.tenths = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=self.desc, unit="img", disable=total < 4, leave=False)
+            self.bar.update(done - self.bar.n)
+            if done >= total:
+                self.bar.close()
+            return
+        if 10 * done // max(total, 1) > self.tenths:
+            self.tenths = 10 * done // total
+            print(f"{self.prefix}{done}/{total}", file=sys.stderr, flush=True)
 
 
 def _unique_name(stem: str, used: set[str]) -> str:
@@ -82,46 +85,6 @@ def run_scorers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------------- rules
-
-
-class RulesInForce:
-    """``--rules`` for one run: concept rules configure the scorer once, the others act on each result."""
-
-    def __init__(self, ruleset: Any, scorer: Any, detector: Any, object_name: str) -> None:
-        from vlad.rules import configure_scorer
-
-        self.ruleset, self.scorer, self.detector, self.object_name = ruleset, scorer, detector, object_name
-        self.hits = configure_scorer(scorer, ruleset, object_name=object_name)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, scorer: Any) -> RulesInForce | None:
-        if not getattr(args, "rules", None):
-            return None
-        from vlad.rules import load_rules_arg
-
-        ruleset = load_rules_arg(args.rules)
-        detector = None
-        if getattr(args, "detector", None):
-            from vlad.grounding import get_detector
-
-            detector = get_detector(args.detector)
-        return cls(ruleset, scorer, detector, getattr(args, "object_name", "object"))
-
-    def apply(self, result: Any, image: Any) -> Any:
-        from vlad.rules import apply_rules
-
-        return apply_rules(
-            result,
-            self.ruleset,
-            image=image,
-            backbone=self.scorer.backbone,
-            detector=self.detector,
-            object_name=self.object_name,
-            scorer_hits=self.hits,
-        )
-
-
 # ---------------------------------------------------------------------- detect
 
 
@@ -135,71 +98,26 @@ def _load_references(refs: Sequence[str]) -> list[Any]:
         raise UsageError(f"--refs: {exc}") from exc
 
 
-def _error_row(path: Path, message: str, args: argparse.Namespace) -> dict[str, Any]:
-    return {"path": str(path), "object": args.object_name, "scorer": args.scorer, "error": message}
+def _detect_rows(det: Any, files: list[Path], problems: list, args: argparse.Namespace, out: Path) -> list[dict]:
+    """Report rows, the same keys for every input: unreadable ones first, then one per file in order."""
+    from vlad.pipeline import InspectionRecord
 
-
-def _result_row(
-    path: Path, result: Any, overlay: Path | None, args: argparse.Namespace, map_path: Path | None = None
-) -> dict[str, Any]:
-    d = result.to_dict()
-    return {
-        "path": str(path),
-        "object": args.object_name,
-        **{k: d[k] for k in ("scorer", "backbone", "pred_score", "normalized_score", "pred_label", "verdict")},
-        **{k: d[k] for k in ("threshold", "pixel_threshold", "threshold_source", "regions", "image_size")},
-        "rule_hits": d["rule_hits"],
-        "adapter": d["meta"].get("adapter"),
-        "overlay": str(overlay) if overlay else None,
-        "map": str(map_path) if map_path else None,
-        "timings": d["timings"],
-        "warnings": d["warnings"],
-        "error": None,
-    }
-
-
-def _chunks(scorer: Any, n: int) -> int:
-    """Images per scoring call: a transductive scorer (musc) sees the whole set at once."""
-    return max(n, 1) if getattr(scorer, "transductive", False) else scorer.batch_size
-
-
-def _score_files(
-    scorer: Any, files: list[Path], args: argparse.Namespace, out: Path, rules: Any = None
-) -> list[dict[str, Any]]:
-    from vlad.data import load_image
-    from vlad.viz import render_result
-
-    rows: list[dict[str, Any]] = []
+    settings, explain = det.settings(), det.explainer is not None
+    rows = [
+        InspectionRecord(str(p), args.object_name, error=msg).to_row(settings, explain=explain) for p, msg in problems
+    ]
     used: set[str] = set()
-    loaded: list[tuple[Path, Any]] = []
-    for path in files:
-        try:
-            loaded.append((path, load_image(path)))
-        except ImageLoadError as exc:
-            rows.append(_error_row(path, str(exc), args))
-    step = _chunks(scorer, len(loaded))
-    for start in _progress(len(loaded), step, "detect"):
-        batch = loaded[start : start + step]
-        results = scorer.score_many([im for _, im in batch], args.object_name)
-        for (path, image), result in zip(batch, results, strict=True):
-            if rules is not None:
-                result = rules.apply(result, image)
-            name = _unique_name(path.stem, used)  # the same name for the overlay and the map of one image
-            overlay = None
-            if not args.no_overlay:
-                overlay = out / f"{name}_overlay.png"
-                render_result(image, result).save(overlay)
-            map_path = None
+    for record in det.inspect_many([str(f) for f in files], args.object_name, progress=_Progress("detect")):
+        overlay_path = map_path = None
+        if record.ok:
+            name = _unique_name(Path(record.source).stem, used)  # the same name for the overlay and the map
+            if record.overlay is not None:
+                overlay_path = out / f"{name}_overlay.png"
+                record.overlay.save(overlay_path)
             if getattr(args, "save_maps", False):
-                map_path = _save_map(out / "maps" / f"{name}.npy", result.anomaly_map)
-            row = _result_row(path, result, overlay, args, map_path)
-            if getattr(args, "explain", False):
-                from vlad.explain.cli import explain_row
-
-                row.update(explain_row(image, result, args.object_name, args, backbone=scorer.backbone))
-            rows.append(row)
-    order = {str(p): i for i, p in enumerate(files)}
-    return sorted(rows, key=lambda r: order[r["path"]])
+                map_path = _save_map(out / "maps" / f"{name}.npy", record.result.anomaly_map)
+        rows.append(record.to_row(settings, overlay_path=overlay_path, map_path=map_path, explain=explain))
+    return rows
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -218,20 +136,20 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def run_detect(args: argparse.Namespace) -> int:
+    explain = None
     if getattr(args, "explain", False):
-        from vlad.explain.cli import check_explain_args, reset_backends
+        from vlad.explain.cli import explain_options
 
-        check_explain_args(args)
-        reset_backends()
+        explain = explain_options(args)
+        explain.check()
     files, problems = _expand_or_fail(args.inputs, "inputs")
     refs = _load_references(args.refs) if args.refs is not None else None
-    scorer = build_scorer(args)
-    rules = RulesInForce.from_args(args, scorer)
+    det = build_detector(args, explain=explain)
     if refs:
-        scorer.fit(refs)
+        det.fit(refs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [_error_row(p, msg, args) for p, msg in problems] + _score_files(scorer, files, args, out, rules)
+    rows = _detect_rows(det, files, problems, args, out)
     report = out / "report.jsonl"
     with report.open("w", encoding="utf-8") as fh:
         for row in rows:
@@ -281,7 +199,7 @@ def _resize_map(amap: np.ndarray, size: int) -> np.ndarray:
 
 
 def _evaluate_category(
-    scorer: Any,
+    det: Any,
     samples: list[Any],
     name: str,
     args: argparse.Namespace,
@@ -294,49 +212,42 @@ def _evaluate_category(
     that have a mask, and are NaN with a ``pixel_metrics_note`` when no anomalous image has one. With ``maps_dir``,
     each raw map is saved at the input resolution as ``maps_dir/<category>/<defect>/<stem>.npy``.
     """
-    from vlad.data import load_image, load_mask
+    from vlad.data import load_mask
     from vlad.metrics import compute_image_metrics, compute_pixel_metrics
     from vlad.metrics._summary import PIXEL_METRICS
 
-    size = args.eval_size or scorer.image_size
-    loaded, failed = [], []
-    for s in samples:
-        try:
-            loaded.append((s, load_image(s.path)))
-        except ImageLoadError as exc:
-            failed.append({"path": str(s.path), "error": str(exc)})
-    scores, labels, maps, masks, pixel_ok, images = [], [], [], [], [], []
+    size = args.eval_size or det.scorer.image_size
+    scores, labels, maps, masks, pixel_ok, images, failed = [], [], [], [], [], [], []
     used: dict[Path, set[str]] = defaultdict(set)
-    step = _chunks(scorer, len(loaded))
     category = samples[0].category if samples else name
-    for start in _progress(len(loaded), step, "eval", category):
-        batch = loaded[start : start + step]
-        for (s, image), result in zip(batch, scorer.score_many([im for _, im in batch], name), strict=True):
-            if tracker is not None:
-                from vlad.explain.cli import explain_row
-
-                row = explain_row(image, result, name, args, backbone=scorer.backbone)
-                tracker.add(s.category, s.label, row["report"])
-            scores.append(result.pred_score)
-            labels.append(s.label)
-            maps.append(_resize_map(result.anomaly_map, size))
-            masks.append(load_mask(s.mask_path, (size, size)) if s.mask_path else np.zeros((size, size), bool))
-            pixel_ok.append(s.label == 0 or s.mask_path is not None)
-            map_path = None
-            if maps_dir is not None:
-                folder = maps_dir / s.category / s.defect
-                map_path = _save_map(folder / f"{_unique_name(s.path.stem, used[folder])}.npy", result.anomaly_map)
-            images.append(
-                {
-                    "path": str(s.path),
-                    "category": s.category,
-                    "label": int(s.label),
-                    "defect": s.defect,
-                    "pred_score": float(result.pred_score),
-                    "mask": str(s.mask_path) if s.mask_path else None,
-                    "map": str(map_path) if map_path else None,
-                }
-            )
+    records = det.inspect_many([str(s.path) for s in samples], name, progress=_Progress("eval", category))
+    for s, record in zip(samples, records, strict=True):
+        if not record.ok:
+            failed.append({"path": str(s.path), "error": record.error})
+            continue
+        result = record.result
+        if tracker is not None:
+            tracker.add(s.category, s.label, (record.explanation or {}).get("report"))
+        scores.append(result.pred_score)
+        labels.append(s.label)
+        maps.append(_resize_map(result.anomaly_map, size))
+        masks.append(load_mask(s.mask_path, (size, size)) if s.mask_path else np.zeros((size, size), bool))
+        pixel_ok.append(s.label == 0 or s.mask_path is not None)
+        map_path = None
+        if maps_dir is not None:
+            folder = maps_dir / s.category / s.defect
+            map_path = _save_map(folder / f"{_unique_name(s.path.stem, used[folder])}.npy", result.anomaly_map)
+        images.append(
+            {
+                "path": str(s.path),
+                "category": s.category,
+                "label": int(s.label),
+                "defect": s.defect,
+                "pred_score": float(result.pred_score),
+                "mask": str(s.mask_path) if s.mask_path else None,
+                "map": str(map_path) if map_path else None,
+            }
+        )
     keep, bad = np.array(pixel_ok, bool), np.array(labels, int) == 1
     metrics = compute_image_metrics(np.array(scores), np.array(labels))
     note = None
@@ -416,29 +327,28 @@ def run_eval(args: argparse.Namespace) -> int:
     by_category: dict[str, list[Any]] = defaultdict(list)
     for s in samples:
         by_category[s.category].append(s)
-    scorer = build_scorer(args)
-    if getattr(args, "rules", None):
-        # concept rules change prompts / features and so the scores; region and verdict rules change labels only,
-        # which the threshold-free metrics below do not read
-        RulesInForce.from_args(args, scorer)
-    tracker = None
+    explain = tracker = None
     if args.lvlm:
-        from vlad.explain.cli import check_explain_args, reset_backends
+        from vlad.explain.cli import explain_options
         from vlad.explain.verdicts import VerdictTracker
 
-        check_explain_args(args)
-        reset_backends()
+        explain = explain_options(args)
+        explain.check()
         tracker = VerdictTracker()
+    # concept rules change prompts / features and so the scores; region and verdict rules change labels only,
+    # which the threshold-free metrics below do not read
+    det = build_detector(args, explain=explain)
+    scorer = det.scorer
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for category, items in sorted(by_category.items()):
         name = prompt_name(category)
         if args.shots > 0:
-            scorer.fit(reference_images(args.root, args.layout, category, args.shots, seed=args.seed))
+            det.fit(reference_images(args.root, args.layout, category, args.shots, seed=args.seed))
         else:
-            scorer.clear_references()
+            det.clear_references()
         picked = _limit(items, args.limit, args.seed)
-        results[category] = _evaluate_category(scorer, picked, name, args, tracker, maps_dir)
+        results[category] = _evaluate_category(det, picked, name, args, tracker, maps_dir)
     images = [record for r in results.values() for record in r.pop("images")]
     per_category = {c: r["metrics"] for c, r in results.items()}
     mean = macro_mean(per_category)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from vlad._argtypes import finite_float, positive_int, unit_float
@@ -93,3 +94,21 @@ def build_scorer(args: argparse.Namespace) -> Any:
         **extra,
     )
     return apply_adapter_option(scorer, args)
+
+
+def build_detector(args: argparse.Namespace, *, explain: Any = None) -> Any:
+    """The inspection pipeline the options ask for (scorer, adapter, rules, overlays, explainer)."""
+    from vlad.pipeline import Detector
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    return Detector(
+        build_scorer(args),
+        object_name=getattr(args, "object_name", "object"),
+        rules=getattr(args, "rules", None),
+        detector=getattr(args, "detector", None),
+        explain=explain,
+        overlays=not getattr(args, "no_overlay", True),
+        on_warning=warn,
+    )

@@ -39,8 +39,8 @@ class Inspection:
     conversation: Any  # vlad.explain.Conversation
     rules_text: str = ""
     report_path: Path | None = None
-    scorer_hits: tuple = ()  # what the rules did to the scorer (prompts, LAFT), kept for re-thresholding
-    backbone: Any = None  # the (shared, cached) backbone, for concept rules when re-thresholding
+    detector: Any = None  # the vlad.Detector that inspected it: re-thresholding goes through the same pipeline
+    record: Any = None  # its vlad.pipeline.InspectionRecord
 
 
 @dataclass
@@ -160,6 +160,17 @@ class InspectorService:
     def explainer(self) -> Any:
         return "template" if self.lvlm_problem else self.lvlm
 
+    def pipeline(self, scorer: str | None, backbone: str | None, sensitivity: float, rules: str, product: str) -> Any:
+        """The inspection pipeline (:class:`vlad.Detector`) for one request: a fresh scorer, the rules, overlays."""
+        from vlad.pipeline import Detector
+
+        return Detector(
+            self.build_scorer(scorer, backbone, sensitivity),
+            object_name=product.strip() or "object",
+            rules=rules or None,
+            overlays=True,
+        )
+
     # ------------------------------------------------------------------ inspect
     def inspect(
         self,
@@ -176,36 +187,34 @@ class InspectorService:
         """Score one image (references and rules applied), explain it, and make it the session's current image."""
         from vlad.data import load_image
         from vlad.explain import Conversation, build_evidence
-        from vlad.viz import render_result
 
         self.check_upload(image_path)
         image = load_image(image_path)
         refs = [load_image(p) for p in references]
         with self._lock:  # one model forward at a time on a shared backbone
-            model = self.build_scorer(scorer, backbone, sensitivity)
-            name = product.strip() or guess_product(model.backbone, image)
-            ruleset = _ruleset(rules)
-            hits = _configure(model, ruleset, name)
+            det = self.pipeline(scorer, backbone, sensitivity, rules, product)
+            name = product.strip() or guess_product(det.scorer.backbone, image)
             if refs:
-                model.fit(refs)
-            if getattr(model, "transductive", False) and not refs:
-                raise VladError(f"the {model.name} scorer needs good reference images (add them under Settings)")
-            base = model.score(image, name)
-        result = _apply(base, ruleset, image, model.backbone, hits, name)
-        evidence = build_evidence(image, result, name)
+                det.fit(refs)
+            if det.scorer.transductive and not refs:
+                raise VladError(f"the {det.scorer.name} scorer needs good reference images (add them under Settings)")
+            (record,) = det.inspect_many([image], name)
+        if not record.ok:
+            raise VladError(record.error)
+        evidence = build_evidence(image, record.result, name)
         conversation = Conversation(evidence, self.explainer())
         outcome = conversation.explain()
-        result = result.replace(explanation=outcome.explanation)
+        record.result = record.result.replace(explanation=outcome.explanation)
         inspection = Inspection(
             image,
             name,
-            result,
-            base,
-            render_result(image, result),
+            record.result,
+            record.base_result,
+            record.overlay,
             conversation,
             rules,
-            scorer_hits=tuple(hits),
-            backbone=model.backbone,
+            detector=det,
+            record=record,
         )
         inspection.report_path = write_report(session, inspection)
         session.inspection = inspection
@@ -222,17 +231,12 @@ class InspectorService:
             )
 
     def rethreshold(self, session: Session, sensitivity: float) -> Inspection | None:
-        """Move the current result to another sensitivity without re-scoring (rules re-applied)."""
-        from vlad.api import rethreshold
-        from vlad.viz import render_result
-
+        """Move the current result to another sensitivity without re-scoring (the same pipeline re-applies rules)."""
         ins = session.inspection
         if ins is None:
             return None
-        moved = rethreshold(ins.base_result, sensitivity)
-        result = _apply(moved, _ruleset(ins.rules_text), ins.image, ins.backbone, ins.scorer_hits, ins.product)
-        ins.result = result.replace(explanation=ins.result.explanation)
-        ins.overlay = render_result(ins.image, ins.result)
+        record = ins.detector.rethreshold(ins.record, sensitivity)
+        ins.record, ins.result, ins.overlay = record, record.result, record.overlay
         ins.report_path = write_report(session, ins)
         return ins
 
@@ -260,41 +264,44 @@ class InspectorService:
         from vlad.data import load_image
 
         rows = []
-        loaded = []
-        order = {Path(p).name: i for i, p in enumerate(paths)}
+        ok = []
         for p in paths:
             try:
                 self.check_upload(p)
-                loaded.append((Path(p), load_image(p)))
+                ok.append(str(p))
             except VladError as exc:
                 rows.append({"image": Path(p).name, "verdict": "error", "error": str(exc)})
         with self._lock:
-            model = self.build_scorer(scorer, backbone, sensitivity)
-            ruleset = _ruleset(rules)
-            hits = _configure(model, ruleset, product.strip() or "object")
+            det = self.pipeline(scorer, backbone, sensitivity, rules, product)
             if references:
-                model.fit([load_image(r) for r in references])
-            name = product.strip() or (guess_product(model.backbone, loaded[0][1]) if loaded else "object")
-            step = len(loaded) if getattr(model, "transductive", False) else model.batch_size
-            for start in range(0, len(loaded), max(step, 1)):
-                chunk = loaded[start : start + step]
+                det.fit([load_image(r) for r in references])
+            name = product.strip() or (guess_product(det.scorer.backbone, load_image(ok[0])) if ok else "object")
+
+            def step(done: int, total: int) -> None:
                 if progress is not None:
-                    progress(start / max(len(loaded), 1), desc=f"scoring {start + 1}-{start + len(chunk)}")
-                for (path, image), res in zip(chunk, model.score_many([im for _, im in chunk], name), strict=True):
-                    res = _apply(res, ruleset, image, model.backbone, hits, name)
-                    rows.append(
-                        {
-                            "image": path.name,
-                            "verdict": res.verdict,
-                            "pred_score": round(res.pred_score, 4),
-                            "normalized_score": round(res.normalized_score, 3),
-                            "regions": len(res.regions),
-                            "rules_fired": "; ".join(h.rule for h in res.rule_hits),
-                            "error": "",
-                        }
-                    )
+                    progress(done / max(total, 1), desc=f"scored {done} of {total}")
+
+            for record in det.inspect_many(ok, name, progress=step):
+                rows.append(_batch_row(record))
+        order = {Path(p).name: i for i, p in enumerate(paths)}
         rows.sort(key=lambda r: order.get(r["image"], 0))
         return rows, *write_batch(session, rows)
+
+
+def _batch_row(record: Any) -> dict[str, Any]:
+    name = Path(record.source).name
+    if not record.ok:
+        return {"image": name, "verdict": "error", "error": record.error}
+    res = record.result
+    return {
+        "image": name,
+        "verdict": res.verdict,
+        "pred_score": round(res.pred_score, 4),
+        "normalized_score": round(res.normalized_score, 3),
+        "regions": len(res.regions),
+        "rules_fired": "; ".join(h.rule for h in res.rule_hits),
+        "error": "",
+    }
 
 
 # ---------------------------------------------------------------------- helpers
@@ -312,32 +319,6 @@ def guess_product(backbone: Any, image: Image.Image) -> str:
     probs = torch.softmax(emb @ text.T / 0.01, dim=-1)[0]
     best = int(probs.argmax())
     return names[best] if float(probs[best]) >= 0.5 else "object"
-
-
-def _ruleset(text: str) -> Any:
-    if not (text or "").strip():
-        return None
-    from vlad.rules import load_rules_arg
-
-    return load_rules_arg(text)
-
-
-def _configure(scorer: Any, ruleset: Any, object_name: str) -> list:
-    """Concept rules into the scorer (prompts, LAFT); returns their hits."""
-    if ruleset is None:
-        return []
-    from vlad.rules import configure_scorer
-
-    return configure_scorer(scorer, ruleset, object_name=object_name)
-
-
-def _apply(result: Any, ruleset: Any, image: Image.Image, backbone: Any, hits: Sequence, object_name: str) -> Any:
-    """Region, size, concept and verdict rules on a scored result (no backbone: concept matching is skipped)."""
-    if ruleset is None:
-        return result
-    from vlad.rules import apply_rules
-
-    return apply_rules(result, ruleset, image=image, backbone=backbone, object_name=object_name, scorer_hits=hits)
 
 
 def write_report(session: Session, ins: Inspection) -> Path:

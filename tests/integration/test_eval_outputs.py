@@ -328,15 +328,21 @@ def test_eval_progress_lines_on_a_non_terminal_stderr(synthetic_mvtec, tmp_path,
 
 
 def test_progress_prints_about_every_ten_percent_not_per_image(capsys, monkeypatch):
-    from vlad.cli_commands import _progress
+    from vlad.cli_commands import _Progress
 
-    assert list(_progress(83, 1, "eval", "bottle")) == list(range(83))
+    bottle = _Progress("eval", "bottle")
+    for done in range(1, 84):
+        bottle(done, 83)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "eval: bottle 9/83"
     assert lines[-1] == "eval: bottle 83/83"
     assert len(lines) == 10
-    assert list(_progress(20, 8, "detect")) == [0, 8, 16]
+    detect = _Progress("detect")
+    for done in (8, 16, 20):
+        detect(done, 20)
     assert capsys.readouterr().err.splitlines() == ["detect: 8/20", "detect: 16/20", "detect: 20/20"]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    assert list(_progress(3, 1, "eval", "tex")) == [0, 1, 2]  # a terminal: tqdm (off for tiny jobs), no lines
+    tiny = _Progress("eval", "tex")
+    for done in (1, 2, 3):
+        tiny(done, 3)  # a terminal: tqdm (off for tiny jobs), no lines
     assert capsys.readouterr().err == ""

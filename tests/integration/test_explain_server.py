@@ -26,10 +26,11 @@ import pytest
 from tests.helpers.explain_data import make_image, make_result
 from tests.helpers.tiny_vlm import MODEL_ID, tiny_vlm_dir, tiny_vlm_hf_home
 from vlad.explain.backends import load_backend
-from vlad.explain.cli import explain_row, register, reset_backends
+from vlad.explain.cli import register
 from vlad.explain.conversation import Conversation
 from vlad.explain.evidence import build_evidence
 from vlad.explain.explainer import explain
+from vlad.explain.rows import ExplainOptions, RowExplainer
 from vlad.resources import samples_dir
 
 pytestmark = pytest.mark.slow
@@ -184,10 +185,8 @@ def test_wrong_model_name_on_transformers_serve(served, evidence):
 
 
 def test_detect_row_and_chat_against_transformers_serve(served, monkeypatch, capsys):
-    reset_backends()
-    row = explain_row(
-        make_image(), make_result(), "bottle", argparse.Namespace(lvlm=f"openai:{served}", lvlm_max_tokens=16)
-    )
+    explainer = RowExplainer(ExplainOptions(lvlm=f"openai:{served}", max_tokens=16))
+    row = explainer.explain(make_image(), make_result(), "bottle")
     assert row["lvlm"] == f"openai:{served}"
     assert row["report"] is None
     assert "unparseable" in row["explain_error"]
@@ -224,7 +223,6 @@ def test_vlad_detect_explain_cli(served, sample_images, tmp_path, capsys):
     """``vlad detect --explain``, template and openai backends."""
     from vlad.cli import main
 
-    reset_backends()
     for lvlm in ("template", f"openai:{served}"):
         out = tmp_path / lvlm.split(":")[0]
         code = main(

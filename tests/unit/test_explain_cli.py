@@ -1,4 +1,5 @@
-"""The explainer's CLI pieces: options, ``vlad chat`` (stdin scripted), ``vlad lvlm-check``, ``explain_row``."""
+"""The explainer's CLI pieces: options, ``vlad chat`` (stdin scripted), ``vlad lvlm-check``, and report-row
+explanations (:class:`vlad.explain.rows.RowExplainer`)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,9 @@ import pytest
 
 from tests.helpers.explain_data import GOOD_REPORT, good_reply, make_image, make_result
 from vlad.errors import ConfigError
-from vlad.explain.cli import (
-    VerdictTracker,
-    add_explain_options,
-    check_explain_args,
-    explain_row,
-    register,
-    reset_backends,
-)
+from vlad.explain.cli import VerdictTracker, add_explain_options, explain_options, register
+from vlad.explain.rows import ExplainOptions, RowExplainer
 from vlad.resources import samples_dir
-
-
-@pytest.fixture(autouse=True)
-def _fresh_backends():
-    reset_backends()
-    yield
-    reset_backends()
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -72,7 +60,7 @@ def test_options_and_defaults():
     with pytest.raises(SystemExit):
         parser.parse_args(["detect", "--lvlm-timeout", "-1"])
     with pytest.raises(ConfigError, match="is not a backend spec"):
-        check_explain_args(argparse.Namespace(lvlm="gpt4"))
+        explain_options(argparse.Namespace(lvlm="gpt4")).check()
 
 
 # ---------------------------------------------------------------------- vlad chat
@@ -183,12 +171,18 @@ def test_lvlm_check(capsys, fake):
 
 
 # ---------------------------------------------------------------------- detect --explain rows
-def _args(lvlm: str = "template", **kw) -> argparse.Namespace:
-    return argparse.Namespace(lvlm=lvlm, process_note=kw.get("note"), lvlm_timeout=kw.get("timeout", 5.0))
+def _explainer(lvlm: str = "template", **kw) -> RowExplainer:
+    args = argparse.Namespace(lvlm=lvlm, process_note=kw.get("note"), lvlm_timeout=kw.get("timeout", 5.0))
+    return RowExplainer(explain_options(args), on_down=kw.get("on_down"))
+
+
+def test_explain_options_from_the_command_line():
+    args = argparse.Namespace(lvlm=None, process_note="cast", lvlm_timeout=None, lvlm_max_tokens=64)
+    assert explain_options(args) == ExplainOptions("template", 60.0, 64, "cast")
 
 
 def test_explain_row_with_the_template():
-    row = explain_row(make_image(), make_result(), "bottle", _args())
+    row = _explainer().explain(make_image(), make_result(), "bottle")
     assert set(row) == {"explanation", "report", "lvlm", "explain_error"}
     assert row["lvlm"] == "template"
     assert row["explain_error"] is None
@@ -199,7 +193,7 @@ def test_explain_row_with_the_template():
 
 def test_explain_row_with_an_openai_server(fake):
     fake.replies = [good_reply()]
-    row = explain_row(make_image(), make_result(), "bottle", _args(f"openai:{fake.url}", note="blow moulded"))
+    row = _explainer(f"openai:{fake.url}", note="blow moulded").explain(make_image(), make_result(), "bottle")
     assert row["report"] == GOOD_REPORT
     assert row["explain_error"] is None
     assert row["explanation"].startswith("The bottle is anomalous")
@@ -207,25 +201,27 @@ def test_explain_row_with_an_openai_server(fake):
 
 
 def test_explain_row_never_raises_and_stops_calling_a_dead_server(monkeypatch):
-    args = _args(f"openai:http://127.0.0.1:{_dead_port()}/v1#m")
-    first = explain_row(make_image(), make_result(), "bottle", args)
+    said = []
+    explainer = _explainer(f"openai:http://127.0.0.1:{_dead_port()}/v1#m", on_down=said.append)
+    first = explainer.explain(make_image(), make_result(), "bottle")
     assert first["report"] is None
     assert "cannot reach the LVLM server" in first["explain_error"]
     assert "judges this bottle anomalous" in first["explanation"]
-    import vlad.explain.explainer as explainer
+    import vlad.explain.explainer as explainer_module
 
     monkeypatch.setattr(
-        explainer, "explain", lambda *a, **k: pytest.fail("a dead server must not be retried per image")
+        explainer_module, "explain", lambda *a, **k: pytest.fail("a dead server must not be retried per image")
     )
-    second = explain_row(make_image(), make_result(), "bottle", args)
+    second = explainer.explain(make_image(), make_result(), "bottle")
     assert "unavailable earlier in this run" in second["explain_error"]
     assert second["report"] is None
-    bad_image = explain_row(make_image((10, 10)), make_result(), "bottle", _args())
+    assert len(said) == 1  # said once on the terminal, not per image
+    assert "is unavailable" in said[0]
+    bad_image = _explainer().explain(make_image((10, 10)), make_result(), "bottle")
     assert bad_image["report"] is None
     assert "differs from the result's map size" in bad_image["explain_error"]
-    bad_spec = explain_row(make_image(), make_result(), "bottle", _args("gpt4"))
-    assert "is not a backend spec" in bad_spec["explain_error"]
-    assert "judges this bottle" in bad_spec["explanation"]
+    with pytest.raises(ConfigError, match="is not a backend spec"):
+        _explainer("gpt4")
 
 
 def test_verdict_tracker_is_exported():

@@ -52,7 +52,7 @@ LAYERS = Layers(
             ["vlad.scorers*", "vlad.adapters", "vlad.prompt_learner", "vlad.checkpoints", "vlad.training"],
         ),
         ("rules/lvlm/explain", ["vlad.rules*", "vlad.explain*"]),
-        ("pipeline/api", ["vlad", "vlad.api"]),
+        ("pipeline/api", ["vlad", "vlad.api", "vlad.pipeline"]),
         ("cli/webui", ["vlad.cli*", "vlad.*_cli", "vlad.rules.cli", "vlad.explain.cli", "webui*"]),
     ]
 )

@@ -8,7 +8,8 @@ import torch
 
 from vlad.errors import ConfigError
 from vlad.laft import coordinates
-from vlad.rules import RuleSet, apply_rules, configure_scorer, parse_rules, score_with_rules
+from vlad.pipeline import Detector
+from vlad.rules import RuleSet, apply_rules, configure_scorer, parse_rules
 from vlad.scorers import get_scorer
 
 
@@ -150,10 +151,10 @@ def test_end_to_end_size_and_region_rules_on_a_real_scorer(real_result):
     assert np.array_equal(gone.anomaly_map, real_result.anomaly_map)
 
 
-def test_score_with_rules_runs_the_whole_pipeline(tiny_backbone, texture_set):
+def test_the_pipeline_applies_configuration_and_result_rules(tiny_backbone, texture_set):
     scorer = get_scorer("winclip", backbone=tiny_backbone, threshold=0.0)  # every pixel anomalous: one region
     text = "a bent pin is critical\nignore anything under 100000 pixels"
-    (result,) = score_with_rules(scorer, [texture_set["bad"]], rules(text), object_name="bottle")
+    (result,) = Detector(scorer, rules=rules(text)).detect_many([texture_set["bad"]], "bottle")
     assert [(h.rule, h.effect) for h in result.rule_hits] == [
         ("a bent pin is critical", "prompt added"),
         ("ignore anything under 100000 pixels", "region suppressed"),

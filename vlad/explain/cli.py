@@ -4,8 +4,7 @@
 :mod:`vlad.cli` wires these in: ``register(subparsers)`` adds the two subcommands and returns their handlers;
 ``add_explain_options(parser)`` adds ``--explain``, ``--lvlm``, ``--process-note``, ``--lvlm-timeout`` and
 ``--lvlm-max-tokens``;
-``explain_row(image, result, object_name, args)`` gives the keys a report row gains. Nothing here crashes the caller
-because of a language model: failures fall back to the template explanation and say so.
+``explain_options(args)`` turns the options into :class:`~vlad.explain.rows.ExplainOptions` for the pipeline.
 """
 
 from __future__ import annotations
@@ -16,26 +15,22 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-import numpy as np
 from PIL import Image
 
 from vlad._argtypes import positive_float, positive_int
 from vlad.errors import VladError
+from vlad.explain.rows import ExplainOptions
 from vlad.explain.verdicts import VerdictTracker
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_UNUSABLE = 0, 1
-_BACKENDS: dict[tuple[str, float], Any] = {}
-_DOWN: dict[str, str] = {}
 
 __all__ = [
     "VerdictTracker",
     "add_explain_options",
-    "check_explain_args",
-    "explain_row",
+    "explain_options",
     "register",
-    "reset_backends",
     "run_chat",
     "run_lvlm_check",
 ]
@@ -126,89 +121,14 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
 
 
 # ---------------------------------------------------------------------- detect --explain
-def _backend(spec: str, timeout: float) -> Any:
-    from vlad.explain.backends import load_backend
-
-    key = (spec, float(timeout))
-    if key not in _BACKENDS:
-        _BACKENDS[key] = load_backend(spec, timeout=timeout)
-    return _BACKENDS[key]
-
-
-def _as_pil(image: Any) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
-    from vlad.data import load_image
-
-    return load_image(image)
-
-
-def explain_row(
-    image: Any, result: Any, object_name: str, args: argparse.Namespace, *, backbone: Any = None
-) -> dict[str, Any]:
-    """The keys a ``vlad detect`` report row gains with ``--explain``.
-
-    Args:
-        image: the photo (PIL image, uint8 array or path), at the result's resolution.
-        result: its :class:`~vlad.result.AnomalyResult`.
-        object_name: the product name.
-        args: parsed options (``lvlm``, ``process_note``, ``lvlm_timeout``, ``lvlm_max_tokens``; missing ones take
-            their defaults).
-        backbone: the scorer's CLIP backbone, to name each region's defect with a phrase from ``prompts/filo.yaml``.
-
-    Returns:
-        ``{"explanation": text, "report": validated report dict or None, "lvlm": spec, "explain_error": None or one
-        line}``. ``report`` is None whenever the language model gave no valid report (the template's explanation is
-        then used, and ``explain_error`` says why).
-    """
-    from vlad.explain.evidence import build_evidence, build_facts
-    from vlad.explain.explainer import explain
-    from vlad.explain.template import explain_text
-
-    spec = getattr(args, "lvlm", None) or "template"
-    timeout = getattr(args, "lvlm_timeout", None) or 60.0
-    note = getattr(args, "process_note", None)
-    try:
-        clip = backbone if hasattr(backbone, "forward_visual") and hasattr(backbone, "encode_text") else None
-        evidence = build_evidence(_as_pil(image), result, object_name, process_note=note, backbone=clip)
-        if spec in _DOWN:
-            error = f"the LVLM {spec} was unavailable earlier in this run ({_DOWN[spec]}); the template was used"
-            return _row(f"[note: {error}] {explain_text(evidence.facts)}", None, spec, error)
-        outcome = explain(evidence, _backend(spec, timeout), max_tokens=getattr(args, "lvlm_max_tokens", None) or 512)
-        if outcome.backend_down:
-            _DOWN[spec] = outcome.failure or "unavailable"
-        return _row(outcome.explanation.text, outcome.report, spec, outcome.error)
-    except Exception as exc:  # noqa: BLE001 -- an explanation must never fail a detection run
-        logger.warning("explanation failed for %s: %s", object_name, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
-        try:
-            text = explain_text(build_facts(result, object_name.strip() or "object", process_note=note))
-        except Exception:  # noqa: BLE001
-            text = f"vlad judged this {object_name} {result.verdict} (score {result.pred_score:.4f})."
-        message = " ".join(str(exc).split())[:240]
-        return _row(text, None, spec, f"explanation failed ({message}); the template explanation was used")
-
-
-def _row(text: str, report: dict[str, Any] | None, spec: str, error: str | None) -> dict[str, Any]:
-    return {"explanation": text, "report": report, "lvlm": spec, "explain_error": error}
-
-
-def check_explain_args(args: argparse.Namespace) -> None:
-    """Validates ``--lvlm`` before any work (a bad spec is a usage error, not a per-image failure).
-
-    Raises:
-        ConfigError: the spec has none of the accepted forms.
-    """
-    from vlad.explain.backends import parse_backend_spec
-
-    parse_backend_spec(getattr(args, "lvlm", None) or "template")
-
-
-def reset_backends() -> None:
-    """Forgets cached backends and the ones found unavailable (each ``vlad`` run starts afresh; tests call this)."""
-    _BACKENDS.clear()
-    _DOWN.clear()
+def explain_options(args: argparse.Namespace) -> ExplainOptions:
+    """The typed explainer options of ``--lvlm``, ``--lvlm-timeout``, ``--lvlm-max-tokens``, ``--process-note``."""
+    return ExplainOptions(
+        lvlm=getattr(args, "lvlm", None) or "template",
+        timeout=getattr(args, "lvlm_timeout", None) or 60.0,
+        max_tokens=getattr(args, "lvlm_max_tokens", None) or 512,
+        process_note=getattr(args, "process_note", None),
+    )
 
 
 # ---------------------------------------------------------------------- vlad chat
@@ -241,18 +161,19 @@ def _chat_backend(args: argparse.Namespace, out: TextIO) -> Any:
 def run_chat(args: argparse.Namespace) -> int:
     """``vlad chat IMAGE --object NAME``: scores the image, prints the explanation, then answers questions read
     line by line from stdin until end of input or ``exit`` / ``quit``, streaming each answer to stdout."""
-    from vlad.cli_common import build_scorer
-    from vlad.data import load_image
+    from vlad.cli_common import build_detector
     from vlad.explain.conversation import Conversation
     from vlad.explain.evidence import build_evidence
 
     out, stdin = sys.stdout, sys.stdin
-    image = load_image(args.image)
     refs = _load_references(args.refs)
-    scorer = build_scorer(args)
+    det = build_detector(args)
     if refs:
-        scorer.fit(refs)
-    result = scorer.score(image, args.object_name)
+        det.fit(refs)
+    (record,) = det.inspect_many([args.image], args.object_name)
+    if not record.ok:
+        raise VladError(record.error or f"cannot read {args.image}")
+    image, result, scorer = record.image, record.result, det.scorer
     backend = _chat_backend(args, out)
     clip = scorer.backbone if hasattr(scorer.backbone, "forward_visual") else None
     evidence = build_evidence(

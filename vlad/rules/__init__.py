@@ -16,7 +16,7 @@ See docs/rules.md for the phrasings the parser understands and the rule file for
 
 from __future__ import annotations
 
-from vlad.rules.apply import apply_rules, configure_scorer, score_with_rules
+from vlad.rules.apply import apply_rules, configure_scorer
 from vlad.rules.load import load_rules_arg, parse_rules
 from vlad.rules.parse import ParseReport
 from vlad.rules.schema import (
@@ -58,5 +58,4 @@ __all__ = [
     "parse_rules",
     "save_profile",
     "save_rules",
-    "score_with_rules",
 ]

@@ -331,39 +331,6 @@ def apply_rules(
     )
 
 
-def score_with_rules(
-    scorer: Any,
-    images: Sequence[Any],
-    ruleset: RuleSet,
-    *,
-    object_name: str = "object",
-    detector: Any = None,
-    references: Sequence[Any] | None = None,
-) -> list[AnomalyResult]:
-    """:func:`configure_scorer`, ``scorer.score_many`` and :func:`apply_rules` in one call.
-
-    Args:
-        scorer: a :class:`~vlad.scorers.base.Scorer`.
-        images: paths, PIL images or uint8 arrays of one product.
-        ruleset: the rules.
-        object_name: the product name.
-        detector: for required objects, "% of the part" and acceptable rules located on a part.
-        references: the scorer's normal references, needed when it is few-shot and the rules change its transform.
-
-    Returns:
-        one result per image, with the configuration hits first in ``rule_hits``.
-    """
-    hits = configure_scorer(scorer, ruleset, references=references, object_name=object_name)
-    pil = [_as_image(im) for im in images]
-    results = scorer.score_many(pil, object_name)
-    return [
-        apply_rules(
-            r, ruleset, image=im, backbone=scorer.backbone, detector=detector, object_name=object_name, scorer_hits=hits
-        )
-        for r, im in zip(results, pil, strict=True)
-    ]
-
-
 def _as_image(image: Any) -> Image.Image | None:
     if image is None or isinstance(image, Image.Image):
         return None if image is None else image.convert("RGB")

@@ -1,0 +1,125 @@
+"""The one inspection pipeline (vlad.pipeline.Detector): records in order with failures accounted for, one report
+schema for good and failed inputs, re-thresholding through the same rules, and no second copy of the wiring."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlad.errors import ConfigError, ImageLoadError
+from vlad.explain.rows import ROW_KEYS
+from vlad.pipeline import Detector, InspectionRecord, rethreshold
+from vlad.thresholds import Thresholds
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def files(tmp_path, texture_set):
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(texture_set["good"]).save(good)
+    Image.fromarray(texture_set["bad"]).save(bad)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    return [str(good), str(broken), str(bad)]
+
+
+def test_records_keep_the_input_order_and_account_for_every_input(tiny_backbone, files):
+    det = Detector("winclip", backbone=tiny_backbone, overlays=True)
+    records = det.inspect_many(files, "texture")
+    assert [r.source for r in records] == files
+    assert [r.ok for r in records] == [True, False, True]
+    assert "broken.png" in records[1].error
+    assert records[1].result is None
+    assert records[2].overlay.size == records[2].image.size
+    with pytest.raises(ImageLoadError, match="broken.png"):
+        det.detect_many(files, "texture")
+
+
+@pytest.mark.parametrize("explain", [None, "template"])
+def test_failed_and_good_rows_have_the_same_keys(tiny_backbone, files, explain):
+    det = Detector("winclip", backbone=tiny_backbone, explain=explain, rules="ignore specks under 1 %")
+    good, bad_input, _ = det.inspect_many(files, "texture")
+    settings = det.settings()
+    rows = [r.to_row(settings, explain=explain is not None) for r in (good, bad_input)]
+    assert list(rows[0]) == list(rows[1])
+    assert set(ROW_KEYS) <= set(rows[0]) if explain else not set(ROW_KEYS) & set(rows[0])
+    assert rows[1]["error"] is not None
+    assert rows[1]["pred_score"] is None
+    assert rows[0]["error"] is None
+    assert rows[0]["profile"] == "paper"
+    if explain:
+        assert good.result.explanation.text == rows[0]["explanation"]
+
+
+def test_rethreshold_goes_through_the_same_rules(tiny_backbone, texture_set):
+    text = "ignore anything under 100000 pixels"
+    det = Detector("winclip", backbone=tiny_backbone, rules=text, overlays=True)
+    (record,) = det.inspect_many([texture_set["bad"]], "texture")
+    moved = det.rethreshold(record, 1.0)
+    assert Thresholds.of(moved.result) == Thresholds.of(rethreshold(record.base_result, 1.0))
+    assert [h.rule for h in moved.result.rule_hits] == [h.rule for h in record.result.rule_hits]
+    assert moved.result.regions == ()  # the size rule still removes every region after re-thresholding
+    assert moved.overlay is not None
+    det.scorer.sensitivity = 1.0
+    (fresh,) = det.inspect_many([texture_set["bad"]], "texture")
+    assert Thresholds.of(moved.result) == Thresholds.of(fresh.result)
+    with pytest.raises(ConfigError, match="no result to re-threshold"):
+        det.rethreshold(InspectionRecord("x.png", "part", error="unreadable"), 0.5)
+
+
+def test_a_transductive_scorer_sees_the_whole_set_as_one_batch(tiny_backbone, texture_set):
+    det = Detector("musc", backbone=tiny_backbone, batch_size=2)
+    images = [texture_set["good"], texture_set["bad"], *texture_set["refs"][:4]]
+    seen = []
+    det.scorer.score_many = lambda batch, name, _orig=det.scorer.score_many: (
+        seen.append(len(batch)) or _orig(batch, name)
+    )
+    records = det.inspect_many(images, "texture")
+    assert seen == [6]
+    assert all(r.ok for r in records)
+
+
+def test_the_scorer_rules_overlay_explanation_sequence_exists_once():
+    """Only vlad/pipeline.py wires the scorer's batch entry to the rules and the overlay."""
+    wiring = {"score_many", "apply_rules", "configure_scorer", "render_result"}
+    allowed = {
+        "vlad/pipeline.py": wiring,
+        "vlad/scorers/base.py": {"score_many"},  # score() is score_many([image])
+        "vlad/scorers/laft.py": {"score_many"},  # super() calls
+        "vlad/scorers/filo.py": {"score_many"},
+        "vlad/explain/evidence.py": {"render_result"},  # the overlay picture inside the LVLM's evidence
+    }
+    offenders = []
+    for path in [*ROOT.glob("vlad/**/*.py"), *ROOT.glob("webui/**/*.py")]:
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if name in wiring and name not in allowed.get(rel, set()):
+                    offenders.append(f"{rel}:{node.lineno} {name}")
+    assert offenders == []
+
+
+def test_detector_takes_a_built_scorer_but_not_its_options(tiny_backbone):
+    from vlad.scorers import get_scorer
+
+    scorer = get_scorer("winclip", backbone=tiny_backbone)
+    assert Detector(scorer).scorer is scorer
+    with pytest.raises(ConfigError, match="pass backbone and scorer options to the scorer you built"):
+        Detector(scorer, sensitivity=0.9)
+
+
+def test_arrays_and_pil_images_are_inputs_too(tiny_backbone, texture_set):
+    det = Detector("winclip", backbone=tiny_backbone)
+    a, b = det.inspect_many([texture_set["bad"], Image.fromarray(texture_set["bad"])], "texture")
+    assert a.source == "<image 0>"
+    assert b.source == "<image 1>"
+    np.testing.assert_array_equal(a.result.anomaly_map, b.result.anomaly_map)
+    (bad,) = det.inspect_many([np.zeros((4, 4, 5), np.uint8)], "texture")
+    assert "image arrays must be" in bad.error
