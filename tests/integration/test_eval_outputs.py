@@ -328,7 +328,7 @@ def test_eval_progress_lines_on_a_non_terminal_stderr(synthetic_mvtec, tmp_path,
 
 
 def test_progress_prints_about_every_ten_percent_not_per_image(capsys, monkeypatch):
-    from vlad.cli_commands import _Progress
+    from vlad.cli.common import Progress as _Progress
 
     bottle = _Progress("eval", "bottle")
     for done in range(1, 84):

@@ -25,8 +25,8 @@ import pytest
 
 from tests.helpers.explain_data import make_image, make_result
 from tests.helpers.tiny_vlm import MODEL_ID, tiny_vlm_dir, tiny_vlm_hf_home
+from vlad.cli.chat import register
 from vlad.explain.backends import load_backend
-from vlad.explain.cli import register
 from vlad.explain.conversation import Conversation
 from vlad.explain.evidence import build_evidence
 from vlad.explain.explainer import explain

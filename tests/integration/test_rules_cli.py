@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from vlad.cli.rules import add_rules_option, load_rules_arg, register
 from vlad.errors import ConfigError
 from vlad.rules import RuleSet, save_rules
-from vlad.rules.cli import add_rules_option, load_rules_arg, register
 
 # Ten representative phrasings and the structured rule each must become (the fields that matter).
 TEN = [
@@ -133,7 +133,7 @@ def test_the_rules_option_and_its_loader(tmp_path):
 
 def test_the_command_runs_on_its_own_without_torch():
     code = (
-        "import sys\nimport vlad.rules, vlad.rules.lvlm\nfrom vlad.rules.cli import main\n"
+        "import sys\nimport vlad.rules, vlad.rules.lvlm\nfrom vlad.cli.rules import main\n"
         "rc = main(['rules', 'check', 'a bent pin is critical'])\n"
         "print('HEAVY', [m for m in ('torch', 'open_clip', 'openai', 'transformers') if m in sys.modules])\n"
         "sys.exit(rc)"

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from vlad.adapters import METADATA_FILE, apply_adapter, load_adapter
+from vlad.cli.adapters import add_adapter_option, apply_adapter_option, register
 from vlad.errors import ConfigError
 from vlad.scorers.crane import CraneScorer
 from vlad.scorers.filo import FiloScorer
-from vlad.train_cli import add_adapter_option, apply_adapter_option, register
 from vlad.training import PromptLearner, TrainConfig, train_adapter
 
 SIZE = 32

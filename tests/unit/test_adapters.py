@@ -255,7 +255,7 @@ def test_lora_after_fit_or_twice_is_refused(tiny_backbone, texture_set):
 def test_cli_module_and_metadata_need_no_torch(tmp_path):
     code = (
         "import argparse, sys\n"
-        "from vlad.train_cli import register, add_adapter_option\n"
+        "from vlad.cli.adapters import register, add_adapter_option\n"
         "from vlad.adapters import read_metadata\n"
         "sub = argparse.ArgumentParser().add_subparsers()\n"
         "register(sub)\n"

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from tests.helpers.explain_data import GOOD_REPORT, good_reply, make_image, make_result
+from vlad.cli.chat import VerdictTracker, add_explain_options, explain_options, register
 from vlad.errors import ConfigError
-from vlad.explain.cli import VerdictTracker, add_explain_options, explain_options, register
 from vlad.explain.rows import ExplainOptions, RowExplainer
 from vlad.resources import samples_dir
 

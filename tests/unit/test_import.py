@@ -15,7 +15,7 @@ def test_import_vlad_does_not_import_heavy_libraries():
     code = (
         "import json, sys, vlad, vlad.cli, vlad.result, vlad.data, vlad.metrics, vlad.viz, vlad.regions, "
         "vlad.thresholds, vlad.backbones, vlad.scorers, vlad.grounding, vlad.laft, vlad.rules, vlad.explain, "
-        "vlad.explain.cli, vlad.rules.cli, vlad.train_cli, vlad.adapters\n"
+        "vlad.cli.chat, vlad.cli.rules, vlad.cli.adapters, vlad.adapters\n"
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

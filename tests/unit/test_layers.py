@@ -28,7 +28,7 @@ PACKAGES = ["vlad", "webui"]
 #   prompts, shared by adapters and training) go with scorers/adapters/training.
 # - the ``vlad`` package itself is the public facade (vlad.Detector, vlad.get_scorer): the pipeline layer. Library
 #   modules take ``__version__`` from vlad._version, never from ``vlad``.
-# - the command-line modules and the web UI are the top layer; ``vlad.cli_common`` holds what they share.
+# - the command-line modules and the web UI are the top layer; ``vlad.cli.common`` holds what they share.
 LAYERS = Layers(
     [
         (
@@ -53,7 +53,7 @@ LAYERS = Layers(
         ),
         ("rules/lvlm/explain", ["vlad.rules*", "vlad.explain*"]),
         ("pipeline/api", ["vlad", "vlad.api", "vlad.pipeline"]),
-        ("cli/webui", ["vlad.cli*", "vlad.*_cli", "vlad.rules.cli", "vlad.explain.cli", "webui*"]),
+        ("cli/webui", ["vlad.cli", "vlad.cli.*", "webui*"]),
     ]
 )
 
@@ -81,7 +81,7 @@ def test_imports_point_down(graph):
 
 def test_layer_table_places_the_cli_on_top():
     top = len(LAYERS.names) - 1
-    for module in ["vlad.cli", "vlad.cli_commands", "vlad.train_cli", "vlad.rules.cli", "vlad.explain.cli", "webui"]:
+    for module in ["vlad.cli", "vlad.cli.detect", "vlad.cli.adapters", "vlad.cli.rules", "vlad.cli.chat", "webui"]:
         assert LAYERS.index(module) == top, module
     assert LAYERS.index("vlad.rules.apply") == LAYERS.index("vlad.explain.backends") < top
     assert LAYERS.index("vlad.errors") == 0

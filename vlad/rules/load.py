@@ -1,7 +1,7 @@
 """Rules from what the user gives: words (through the deterministic parser, or a language model first), a rules or
 product-profile file, or a ready :class:`~vlad.rules.schema.RuleSet`.
 
-The library side of ``--rules``: :mod:`vlad.api`, the CLI (:mod:`vlad.rules.cli` re-exports these) and the web UI
+The library side of ``--rules``: :mod:`vlad.api`, the CLI (:mod:`vlad.cli.rules` re-exports these) and the web UI
 all load rules here.
 """
 

@@ -1,11 +1,6 @@
-"""``vlad train-adapter`` and the ``--adapter`` option of ``detect`` / ``eval`` (torch loads only when they run).
-
-Wiring in :mod:`vlad.cli`::
-
-    handlers = train_cli.register(sub)          # adds the train-adapter subcommand; returns {name: handler}
-    train_cli.add_adapter_option(detect_parser)  # and the eval parser
-    ...
-    scorer = apply_adapter_option(scorer, args)  # after building the scorer, before fit()
+"""``vlad train-adapter``, ``vlad import-checkpoint`` and the ``--adapter`` option of ``detect`` / ``eval`` / ``chat``
+(torch loads only when they run). ``apply_adapter_option(scorer, args)`` applies ``--adapter`` after the scorer is
+built, before ``fit()``.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vlad.rules.cli rules check ...``: the ``rules`` command on its own."""
+    """``python -m vlad.cli.rules rules check ...``: the ``rules`` command on its own."""
     parser = argparse.ArgumentParser(prog="vlad", description="natural-language anomaly rules")
     handlers = register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""What the ``vlad`` subcommands do (the parser lives in :mod:`vlad.cli`)."""
+"""``vlad eval``: a scorer on an MVTec AD / VisA / folder dataset: per-category metrics, macro mean, JSON."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,164 +14,17 @@ from typing import Any
 import numpy as np
 
 import vlad
-from vlad._optional import require
-from vlad.cli_common import EXIT_OK, EXIT_PARTIAL, UsageError, build_detector, emit_json
-from vlad.errors import ImageLoadError
-
-# ---------------------------------------------------------------------- shared
-
-
-class _Progress:
-    """``progress(done, total)`` for the pipeline, on stderr, counted in images.
-
-    On a terminal: a tqdm bar (none for tiny jobs). Otherwise (logs, CI, pipes): a line such as ``eval: bottle 40/83``
-    about every 10 %, never one per image.
-    """
-
-    def __init__(self, command: str, label: str = "") -> None:
-        self.desc = f"{command} {label}".strip()
-        self.prefix = f"{command}: {label} " if label else f"{command}: "
-        self.bar: Any = None
-        self.tenths = 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc=self.desc, unit="img", disable=total < 4, leave=False)
-            self.bar.update(done - self.bar.n)
-            if done >= total:
-                self.bar.close()
-            return
-        if 10 * done // max(total, 1) > self.tenths:
-            self.tenths = 10 * done // total
-            print(f"{self.prefix}{done}/{total}", file=sys.stderr, flush=True)
-
-
-def _unique_name(stem: str, used: set[str]) -> str:
-    """``stem``, or ``stem_2``, ``stem_3``, ... when taken (case-insensitively, for macOS and Windows disks)."""
-    name, n = stem, 1
-    while name.lower() in used:
-        n += 1
-        name = f"{stem}_{n}"
-    used.add(name.lower())
-    return name
-
-
-def _save_map(path: Path, anomaly_map: np.ndarray) -> Path:
-    """Writes a raw anomaly map as float32 ``.npy`` (``np.load`` reads it back)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, np.ascontiguousarray(anomaly_map, dtype=np.float32))
-    return path
-
-
-def _expand_or_fail(inputs: Sequence[str], option: str) -> tuple[list[Path], list[tuple[Path, str]]]:
-    from vlad.data import expand_inputs
-
-    files, problems = expand_inputs(inputs)
-    if not files:
-        detail = "; ".join(f"{p}: {msg}" for p, msg in problems) or "nothing given"
-        raise UsageError(f"{option}: no images to read ({detail})")
-    return files, problems
-
-
-def run_scorers(args: argparse.Namespace) -> int:
-    from vlad.scorers import list_scorers, scorer_summary
-
-    for name in list_scorers():
-        print(f"{name:10s} {scorer_summary(name)}")
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------- detect
-
-
-def _load_references(refs: Sequence[str]) -> list[Any]:
-    from vlad.data import load_image
-
-    files, _ = _expand_or_fail(refs, "--refs")
-    try:
-        return [load_image(f) for f in files]
-    except ImageLoadError as exc:
-        raise UsageError(f"--refs: {exc}") from exc
-
-
-def _detect_rows(det: Any, files: list[Path], problems: list, args: argparse.Namespace, out: Path) -> list[dict]:
-    """Report rows, the same keys for every input: unreadable ones first, then one per file in order."""
-    from vlad.pipeline import InspectionRecord
-
-    settings, explain = det.settings(), det.explainer is not None
-    rows = [
-        InspectionRecord(str(p), args.object_name, error=msg).to_row(settings, explain=explain) for p, msg in problems
-    ]
-    used: set[str] = set()
-    for record in det.inspect_many([str(f) for f in files], args.object_name, progress=_Progress("detect")):
-        overlay_path = map_path = None
-        if record.ok:
-            name = _unique_name(Path(record.source).stem, used)  # the same name for the overlay and the map
-            if record.overlay is not None:
-                overlay_path = out / f"{name}_overlay.png"
-                record.overlay.save(overlay_path)
-            if getattr(args, "save_maps", False):
-                map_path = _save_map(out / "maps" / f"{name}.npy", record.result.anomaly_map)
-        rows.append(record.to_row(settings, overlay_path=overlay_path, map_path=map_path, explain=explain))
-    return rows
-
-
-def _print_table(rows: list[dict[str, Any]]) -> None:
-    header = f"{'image':40s} {'verdict':10s} {'score':>8s} {'norm':>6s} {'regions':>7s}  where"
-    print(header)
-    for r in rows:
-        name = Path(r["path"]).name[:40]
-        if r.get("error"):
-            print(f"{name:40s} {'ERROR':10s} {r['error']}")
-            continue
-        where = ", ".join(reg["position"] for reg in r["regions"][:3])
-        print(
-            f"{name:40s} {r['verdict']:10s} {r['pred_score']:8.4f} {r['normalized_score']:6.3f} "
-            f"{len(r['regions']):7d}  {where}"
-        )
-
-
-def run_detect(args: argparse.Namespace) -> int:
-    explain = None
-    if getattr(args, "explain", False):
-        from vlad.explain.cli import explain_options
-
-        explain = explain_options(args)
-        explain.check()
-    files, problems = _expand_or_fail(args.inputs, "inputs")
-    refs = _load_references(args.refs) if args.refs is not None else None
-    det = build_detector(args, explain=explain)
-    if refs:
-        det.fit(refs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = _detect_rows(det, files, problems, args, out)
-    report = out / "report.jsonl"
-    with report.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    failed = sum(1 for r in rows if r.get("error"))
-    if args.format == "json":
-        emit_json({"report": str(report), "out": str(out), "failed": failed, "results": rows})
-    else:
-        _print_table(rows)
-        warnings = {w for r in rows for w in r.get("warnings") or []}
-        for w in sorted(warnings):
-            print(f"warning: {w}")
-        print(f"report: {report}")
-        if not args.no_overlay:
-            print(f"overlays: {out}/")
-        if getattr(args, "save_maps", False):
-            print(f"anomaly maps: {out / 'maps'}/")
-    if failed:
-        print(f"vlad detect: {failed} of {len(rows)} images failed (see report.jsonl)", file=sys.stderr)
-    return EXIT_PARTIAL if failed else EXIT_OK
-
-
-# ---------------------------------------------------------------------- eval
+from vlad._argtypes import positive_int
+from vlad.cli.common import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    Progress,
+    UsageError,
+    add_model_options,
+    build_detector,
+    save_map,
+    unique_name,
+)
 
 
 def _limit(samples: list[Any], limit: int | None, seed: int) -> list[Any]:
@@ -220,7 +72,7 @@ def _evaluate_category(
     scores, labels, maps, masks, pixel_ok, images, failed = [], [], [], [], [], [], []
     used: dict[Path, set[str]] = defaultdict(set)
     category = samples[0].category if samples else name
-    records = det.inspect_many([str(s.path) for s in samples], name, progress=_Progress("eval", category))
+    records = det.inspect_many([str(s.path) for s in samples], name, progress=Progress("eval", category))
     for s, record in zip(samples, records, strict=True):
         if not record.ok:
             failed.append({"path": str(s.path), "error": record.error})
@@ -236,7 +88,7 @@ def _evaluate_category(
         map_path = None
         if maps_dir is not None:
             folder = maps_dir / s.category / s.defect
-            map_path = _save_map(folder / f"{_unique_name(s.path.stem, used[folder])}.npy", result.anomaly_map)
+            map_path = save_map(folder / f"{unique_name(s.path.stem, used[folder])}.npy", result.anomaly_map)
         images.append(
             {
                 "path": str(s.path),
@@ -329,7 +181,7 @@ def run_eval(args: argparse.Namespace) -> int:
         by_category[s.category].append(s)
     explain = tracker = None
     if args.lvlm:
-        from vlad.explain.cli import explain_options
+        from vlad.cli.chat import explain_options
         from vlad.explain.verdicts import VerdictTracker
 
         explain = explain_options(args)
@@ -407,27 +259,43 @@ def _clean(obj: Any) -> Any:
     return str(obj)
 
 
-# ---------------------------------------------------------------------- serve
+def register(subparsers: Any) -> dict[str, Any]:
+    """Adds ``eval``; returns ``{"eval": handler}``."""
+    from vlad.cli.adapters import add_adapter_option
+    from vlad.cli.chat import add_lvlm_options
+    from vlad.cli.rules import add_rules_option
 
-
-def run_serve(args: argparse.Namespace) -> int:
-    auth = None
-    if args.auth:
-        user, sep, password = args.auth.partition(":")
-        if not sep or not user or not password:
-            raise UsageError("--auth must look like user:password")
-        auth = (user, password)
-    require("gradio", "ui", what="the web UI")
-    from webui.app import build_app, launch
-
-    demo = build_app(
-        scorer=args.scorer,
-        backbone=args.backbone,
-        lvlm=args.lvlm,
-        device=args.device,
-        profile=args.profile,
-        adapter=args.adapter,
+    e = subparsers.add_parser("eval", help="evaluate a scorer on an MVTec AD / VisA / folder dataset")
+    e.add_argument("--root", required=True, help="dataset root")
+    e.add_argument("--layout", required=True, choices=["mvtec", "visa", "folder"])
+    e.add_argument("--category", nargs="+", default=None, help="categories (default: all)")
+    e.add_argument("--limit", type=positive_int, default=None, help="at most N test images per category")
+    e.add_argument("--shots", type=int, default=0, help="normal train images per category as references (k-shot)")
+    e.add_argument("--seed", type=int, default=0, help="seed for choosing references and --limit subsets")
+    e.add_argument(
+        "--eval-size",
+        type=positive_int,
+        default=None,
+        help="side at which pixel metrics are computed (default: the scorer's input size)",
     )
-    print(f"vlad web UI on http://{args.host}:{args.port}", flush=True)
-    launch(demo, host=args.host, port=args.port, auth=auth)
-    return EXIT_OK
+    e.add_argument(
+        "--legacy-aupro",
+        action="store_true",
+        help="deprecated, no effect: the 200-threshold paper-style "
+        "AUPRO (pixel_aupro_legacy) is always reported next to the exact one (pixel_aupro)",
+    )
+    e.add_argument("--out", default=None, help="write the metrics JSON here")
+    e.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write each raw anomaly map as float32 .npy at the "
+        "input image's resolution, in <JSON name>_maps/<category>/<defect>/ next to --out or in --maps-dir",
+    )
+    e.add_argument("--maps-dir", default=None, help="folder for the saved anomaly maps (implies --save-maps)")
+    add_model_options(e)
+    add_adapter_option(e)
+    add_rules_option(e)
+    add_lvlm_options(e.add_argument_group("language-model verdicts (optional)"))
+    e.set_defaults(lvlm=None)
+
+    return {"eval": run_eval}

@@ -1,8 +1,7 @@
-"""What the command-line modules share: exit codes, :class:`UsageError`, JSON output, the model options and building
-the scorer they ask for.
+"""What the command modules share (the leaf of :mod:`vlad.cli`): exit codes, :class:`UsageError`, JSON output, the
+model options, building the pipeline the options ask for, input expansion, progress and output files.
 
-:mod:`vlad.cli` (the parser), :mod:`vlad.cli_commands`, :mod:`vlad.explain.cli` and :mod:`vlad.train_cli` import from
-here, never from each other's modules in a circle (see tests/unit/test_layers.py).
+Every command module imports from here, never from another command module (see tests/unit/test_layers.py).
 """
 
 from __future__ import annotations
@@ -10,10 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vlad._argtypes import finite_float, positive_int, unit_float
-from vlad.errors import VladError
+from vlad.errors import ImageLoadError, VladError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
@@ -79,7 +82,7 @@ def build_scorer(args: argparse.Namespace) -> Any:
         extra[option] = value
     if getattr(args, "concepts", None):
         extra["concepts"] = args.concepts
-    from vlad.train_cli import apply_adapter_option
+    from vlad.cli.adapters import apply_adapter_option
 
     scorer = get_scorer(
         args.scorer,
@@ -112,3 +115,68 @@ def build_detector(args: argparse.Namespace, *, explain: Any = None) -> Any:
         overlays=not getattr(args, "no_overlay", True),
         on_warning=warn,
     )
+
+
+class Progress:
+    """``progress(done, total)`` for the pipeline, on stderr, counted in images.
+
+    On a terminal: a tqdm bar (none for tiny jobs). Otherwise (logs, CI, pipes): a line such as ``eval: bottle 40/83``
+    about every 10 %, never one per image.
+    """
+
+    def __init__(self, command: str, label: str = "") -> None:
+        self.desc = f"{command} {label}".strip()
+        self.prefix = f"{command}: {label} " if label else f"{command}: "
+        self.bar: Any = None
+        self.tenths = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=self.desc, unit="img", disable=total < 4, leave=False)
+            self.bar.update(done - self.bar.n)
+            if done >= total:
+                self.bar.close()
+            return
+        if 10 * done // max(total, 1) > self.tenths:
+            self.tenths = 10 * done // total
+            print(f"{self.prefix}{done}/{total}", file=sys.stderr, flush=True)
+
+
+def unique_name(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ... when taken (case-insensitively, for macOS and Windows disks)."""
+    name, n = stem, 1
+    while name.lower() in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name.lower())
+    return name
+
+
+def save_map(path: Path, anomaly_map: np.ndarray) -> Path:
+    """Writes a raw anomaly map as float32 ``.npy`` (``np.load`` reads it back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.ascontiguousarray(anomaly_map, dtype=np.float32))
+    return path
+
+
+def expand_or_fail(inputs: Sequence[str], option: str) -> tuple[list[Path], list[tuple[Path, str]]]:
+    from vlad.data import expand_inputs
+
+    files, problems = expand_inputs(inputs)
+    if not files:
+        detail = "; ".join(f"{p}: {msg}" for p, msg in problems) or "nothing given"
+        raise UsageError(f"{option}: no images to read ({detail})")
+    return files, problems
+
+
+def load_references(refs: Sequence[str]) -> list[Any]:
+    from vlad.data import load_image
+
+    files, _ = expand_or_fail(refs, "--refs")
+    try:
+        return [load_image(f) for f in files]
+    except ImageLoadError as exc:
+        raise UsageError(f"--refs: {exc}") from exc

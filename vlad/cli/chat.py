@@ -39,7 +39,7 @@ __all__ = [
 # ---------------------------------------------------------------------- options
 
 
-def _add_lvlm_options(group: Any, *, lvlm_required: bool = False) -> None:
+def add_lvlm_options(group: Any, *, lvlm_required: bool = False) -> None:
     group.add_argument(
         "--lvlm",
         default=None if lvlm_required else "template",
@@ -70,7 +70,7 @@ def add_explain_options(parser: argparse.ArgumentParser) -> None:
     ``--lvlm-max-tokens``."""
     g = parser.add_argument_group("explanation")
     g.add_argument("--explain", action="store_true", help="add an explanation and a report to each result")
-    _add_lvlm_options(g)
+    add_lvlm_options(g)
     g.add_argument(
         "--process-note",
         default=None,
@@ -81,7 +81,7 @@ def add_explain_options(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Adds the ``chat`` and ``lvlm-check`` subcommands and returns ``{name: handler}``."""
-    from vlad.cli_common import add_model_options
+    from vlad.cli.common import add_model_options
 
     c = subparsers.add_parser("chat", help="talk about one image with the explainer (questions from stdin)")
     c.add_argument("image", help="the image to talk about")
@@ -93,7 +93,7 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
         help="normal reference images or directories (few-shot); the first is also shown to the language model",
     )
     g = c.add_argument_group("language model")
-    _add_lvlm_options(g)
+    add_lvlm_options(g)
     g.add_argument("--process-note", default=None, metavar="TEXT", help="how the product is made (Triad's CoT-M)")
     g.add_argument(
         "--context-tokens",
@@ -109,7 +109,7 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     )
     add_model_options(c)
     k = subparsers.add_parser("lvlm-check", help="is the language model server usable? (reachable, model, images)")
-    _add_lvlm_options(k, lvlm_required=True)
+    add_lvlm_options(k, lvlm_required=True)
     k.add_argument(
         "--wait",
         type=positive_float,
@@ -135,7 +135,7 @@ def explain_options(args: argparse.Namespace) -> ExplainOptions:
 def _load_references(refs: list[str] | None) -> list[Image.Image]:
     if not refs:
         return []
-    from vlad.cli_common import UsageError
+    from vlad.cli.common import UsageError
     from vlad.data import expand_inputs, load_image
 
     files, problems = expand_inputs(refs)
@@ -161,7 +161,7 @@ def _chat_backend(args: argparse.Namespace, out: TextIO) -> Any:
 def run_chat(args: argparse.Namespace) -> int:
     """``vlad chat IMAGE --object NAME``: scores the image, prints the explanation, then answers questions read
     line by line from stdin until end of input or ``exit`` / ``quit``, streaming each answer to stdout."""
-    from vlad.cli_common import build_detector
+    from vlad.cli.common import build_detector
     from vlad.explain.conversation import Conversation
     from vlad.explain.evidence import build_evidence
 
