@@ -30,10 +30,21 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    FiniteFloat,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vlad._optional import require
 from vlad.errors import BackboneError, ConfigError
@@ -57,8 +68,7 @@ LORA_TARGETS = r"visual\.transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)"
 """peft ``target_modules`` regex: the vision MLPs only (see the module docstring for why not ``attn``)."""
 
 
-@dataclass(frozen=True)
-class AdapterMetadata:
+class AdapterMetadata(BaseModel):
     """What ``adapter.json`` holds.
 
     Attributes:
@@ -86,30 +96,60 @@ class AdapterMetadata:
         profile: the scorer profile the weights were made for (``paper`` for official checkpoints), or None.
     """
 
-    method: str
-    backbone: str
-    layers: tuple[int, ...]
-    attention: str
-    first_refined: int
-    image_size: int
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: StrictStr
+    backbone: StrictStr
+    layers: tuple[StrictInt, ...]
+    attention: StrictStr
+    first_refined: StrictInt
+    image_size: StrictInt
     prompts: dict[str, Any]
     training_data: dict[str, Any]
-    epochs: int
-    date: str
-    n_ctx: int | None = None
+    epochs: StrictInt
+    date: StrictStr
+    n_ctx: StrictInt | None = None
     lora: dict[str, Any] | None = None
-    seed: int = 0
-    lr: float = 1e-3
-    batch_size: int = 8
-    loss_history: tuple[float, ...] = ()
-    vlad_version: str = ""
-    format_version: int = FORMAT_VERSION
+    seed: StrictInt = 0
+    lr: StrictFloat | StrictInt = 1e-3
+    batch_size: StrictInt = 8
+    loss_history: tuple[FiniteFloat, ...] = ()
+    vlad_version: StrictStr = ""
+    format_version: StrictInt = FORMAT_VERSION
     deep_prompts: dict[str, Any] | None = None
     provenance: dict[str, Any] | None = None
-    profile: str | None = None
+    profile: Literal["paper", "vlad"] | None = None
+
+    @field_validator("loss_history", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+            raise ValueError("loss_history must hold numbers")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdapterMetadata:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
+        if self.format_version not in READABLE_VERSIONS:
+            readable = ", ".join(map(str, READABLE_VERSIONS))
+            raise ValueError(f"format_version {self.format_version} unsupported; this vlad reads {readable}")
+        if self.deep_prompts is not None and (
+            self.method != "crane-prompts" or not {"depth", "n_ctx"} <= set(self.deep_prompts)
+        ):
+            raise ValueError(
+                f"deep_prompts needs method crane-prompts and keys depth, n_ctx; got {self.deep_prompts!r}"
+            )
+        if self.method == "crane-prompts" and (self.n_ctx is None or self.n_ctx < 1):
+            raise ValueError(f"crane-prompts adapters need n_ctx >= 1, got {self.n_ctx!r}")
+        if self.method == "lora" and (self.lora is None or not {"r", "alpha", "target_modules"} <= set(self.lora)):
+            raise ValueError(f"lora adapters need lora = {{r, alpha, target_modules}}, got {self.lora!r}")
+        if not self.layers or any(layer < 1 for layer in self.layers):
+            raise ValueError(f"layers must be positive layer numbers, got {list(self.layers)}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = self.model_dump()
         out["layers"], out["loss_history"] = list(self.layers), list(self.loss_history)
         return out
 
@@ -118,84 +158,32 @@ class AdapterMetadata:
         """Validate a parsed ``adapter.json``: unknown, missing or mistyped keys raise ConfigError naming ``source``."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-        missing = [k for k in required if k not in data]
-        if missing:
-            raise ConfigError(f"{source}: missing key(s) {missing}")
-        for key, value in data.items():
-            _check_kind(key, value, source)
-        values = dict(data)
-        values["layers"] = tuple(values["layers"])
-        values["loss_history"] = tuple(float(v) for v in values.get("loss_history", ()))
-        meta = cls(**values)
-        meta._check_values(source)
-        return meta
-
-    def _check_values(self, source: str) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"{source}: unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
-        if self.format_version not in READABLE_VERSIONS:
-            raise ConfigError(
-                f"{source}: format_version {self.format_version} unsupported; this vlad reads "
-                f"{', '.join(map(str, READABLE_VERSIONS))}"
-            )
-        if self.deep_prompts is not None and (
-            self.method != "crane-prompts" or not {"depth", "n_ctx"} <= set(self.deep_prompts)
-        ):
-            raise ConfigError(
-                f"{source}: deep_prompts needs method crane-prompts and keys depth, n_ctx; got {self.deep_prompts!r}"
-            )
-        if self.profile not in (None, "paper", "vlad"):
-            raise ConfigError(f"{source}: profile must be paper, vlad or null, got {self.profile!r}")
-        if self.method == "crane-prompts" and (self.n_ctx is None or self.n_ctx < 1):
-            raise ConfigError(f"{source}: crane-prompts adapters need n_ctx >= 1, got {self.n_ctx!r}")
-        if self.method == "lora" and (self.lora is None or not {"r", "alpha", "target_modules"} <= set(self.lora)):
-            raise ConfigError(f"{source}: lora adapters need lora = {{r, alpha, target_modules}}, got {self.lora!r}")
-        if not self.layers or any(layer < 1 for layer in self.layers):
-            raise ConfigError(f"{source}: layers must be positive layer numbers, got {list(self.layers)}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {_one_problem(exc, data)}") from None
 
 
-_KINDS: dict[str, tuple[type, ...]] = {
-    "method": (str,),
-    "backbone": (str,),
-    "layers": (list,),
-    "attention": (str,),
-    "first_refined": (int,),
-    "image_size": (int,),
-    "prompts": (dict,),
-    "training_data": (dict,),
-    "epochs": (int,),
-    "date": (str,),
-    "n_ctx": (int, type(None)),
-    "lora": (dict, type(None)),
-    "seed": (int,),
-    "lr": (int, float),
-    "batch_size": (int,),
-    "loss_history": (list,),
-    "vlad_version": (str,),
-    "format_version": (int,),
-    "deep_prompts": (dict, type(None)),
-    "provenance": (dict, type(None)),
-    "profile": (str, type(None)),
-}
+_TYPE_WORDS = {"int": "int", "string": "str", "dict": "dict", "tuple": "list", "list": "list", "float": "number"}
 
 
-def _check_kind(key: str, value: Any, source: str) -> None:
-    kinds = _KINDS[key]
-    ok = isinstance(value, kinds) and not isinstance(value, bool)
-    if ok and key == "layers":
-        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    if ok and key == "loss_history":
-        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-    if not ok:
-        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-        raise ConfigError(
-            f"{source}: key {key!r} must be {names}{' of numbers' if kinds == (list,) else ''}, got {value!r}"
-        )
+def _one_problem(exc: ValidationError, data: dict[str, Any]) -> str:
+    """The first problem of a validation error in one line, in the words of ``adapter.json``'s keys."""
+    errors = exc.errors()
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if unknown:
+        return f"unknown key(s) {unknown}; allowed: {sorted(AdapterMetadata.model_fields)}"
+    missing = [str(e["loc"][0]) for e in errors if e["type"] == "missing"]
+    if missing:
+        return f"missing key(s) {missing}"
+    first = errors[0]
+    if not first["loc"]:
+        return str(first["msg"]).removeprefix("Value error, ")
+    key = str(first["loc"][0])
+    kind = _TYPE_WORDS.get(str(first["type"]).split("_")[0], "valid")
+    inner = " of numbers" if len(first["loc"]) > 1 else ""
+    expected = f"list{inner}" if key in ("layers", "loss_history") else kind
+    return f"key {key!r} must be {expected}, got {data.get(key)!r}"
 
 
 @dataclass

@@ -36,7 +36,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from vlad.errors import ConfigError
 
@@ -443,6 +443,16 @@ def ignore(x: torch.Tensor, basis: Basis, *, normalize: bool = False) -> torch.T
 
     out = x - guide(x, basis)
     return F.normalize(out, dim=-1) if normalize else out
+
+
+@runtime_checkable
+class FeatureTransform(Protocol):
+    """What a scorer's ``transform`` is: a map of (..., D) features to (..., D) features that can say what it does.
+    :class:`ConceptTransform` (LAFT) is one; the rules chain a scorer's own transform with theirs."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> str: ...
 
 
 @dataclass(frozen=True, eq=False)

@@ -149,8 +149,8 @@ def batch_loss(
     scorer: CraneScorer, feats: Features, text: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
     """:func:`crane_loss` of a Crane scorer's features (B, ...) against (B, 2, D) text, (B, S, S) masks, (B,) labels."""
-    logits = scorer._patch_logits(feats, text)
-    sets = torch.stack(scorer._token_sets(feats))
+    logits = scorer.patch_logits(feats, text)
+    sets = torch.stack(scorer.token_sets(feats))
     return crane_loss(logits, sets, feats["global"], text, masks, labels, scorer.grid)
 
 
@@ -342,7 +342,7 @@ def cache_features(
     for start in range(0, len(items), config.batch_size):
         images, m, y = load_batch(items[start : start + config.batch_size], scorer.image_size, config.seed)
         with torch.no_grad():
-            feats = scorer._extract(scorer.backbone.preprocess(images, scorer.image_size))
+            feats = scorer.features(scorer.backbone.preprocess(images, scorer.image_size))
         parts.append({k: v.to("cpu", torch.float16) for k, v in feats.items()})
         masks.append(m)
         labels.append(y)

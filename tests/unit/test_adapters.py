@@ -211,7 +211,7 @@ def test_prompt_adapter_needs_a_crane_scorer(tiny_backbone):
 
 def test_mismatched_backbone_names_both_specs(tiny_backbone):
     adapter = _prompt_adapter(tiny_backbone)
-    other = dataclasses.replace(adapter.metadata, backbone="openclip:ViT-L-14-336-quickgelu@openai")
+    other = adapter.metadata.model_copy(update={"backbone": "openclip:ViT-L-14-336-quickgelu@openai"})
     expected = r"trained for backbone 'openclip:ViT-L-14-336-quickgelu@openai' but the scorer uses 'random:tiny'"
     with pytest.raises(ConfigError, match=expected):
         apply_adapter(CraneScorer(tiny_backbone, image_size=64), Adapter(other, adapter.tensors))
@@ -337,3 +337,15 @@ def test_train_config_checks(change, message):
     config = TrainConfig(method="crane-prompts", root=".", layout="mvtec")
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(config, **change).check()
+
+
+def test_metadata_is_a_strict_pydantic_model():
+    meta = _metadata()
+    with pytest.raises(ConfigError, match="'n_ctx' must be int"):
+        AdapterMetadata.from_dict({**meta.to_dict(), "n_ctx": 1.5})
+    with pytest.raises(ConfigError, match="'loss_history' must be list of numbers"):
+        AdapterMetadata.from_dict({**meta.to_dict(), "loss_history": [1.0, float("nan")]})
+    with pytest.raises(ConfigError, match="'profile' must be"):
+        AdapterMetadata.from_dict({**meta.to_dict(), "profile": "exact"})
+    with pytest.raises(ValueError, match="frozen"):
+        meta.method = "lora"  # type: ignore[misc]

@@ -55,7 +55,7 @@ def test_local_to_global_image_score_formula(crane):
     feats = {f"layer{layer}": s for layer, s in zip(crane.layers, sets, strict=True)}
     feats["global"] = F.normalize(torch.randn(1, d), dim=-1)
     text = F.normalize(torch.randn(1, 2, d), dim=-1)
-    logits = crane._patch_logits(feats, text)
+    logits = crane.patch_logits(feats, text)
     got = crane._image_score(feats, text, logits, torch.zeros(1, 4, 4))
     w = torch.softmax(torch.stack([s[0] @ text[0].T / 0.07 for s in sets]).mean(0), dim=-1)[:, 1]
     c = F.normalize((w[:, None] * torch.stack(sets)[:, 0].mean(0)).sum(0), dim=-1)

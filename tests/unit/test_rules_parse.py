@@ -248,12 +248,12 @@ def test_an_unreachable_model_falls_back(fake):
     assert "deterministic parser was used" in bad_spec.notes[0]
 
 
-def test_fenced_replies_and_the_direct_openai_client(fake):
-    from vlad.rules.lvlm import OpenAIJsonClient
+def test_fenced_replies_through_the_explainers_openai_client(fake):
+    from vlad.explain.backends import load_backend
 
     fake.replies = ["```json\n" + json.dumps(LLM_RULES) + "\n```"]
-    client = OpenAIJsonClient.from_spec(f"openai:{fake.url}", timeout=5)  # what is used without vlad.explain
+    client = load_backend(f"openai:{fake.url}", timeout=5)  # the one OpenAI-compatible client
     report = parse_rules("Farbe ignorieren", lvlm=client)
-    assert report.source == client.spec
+    assert report.source.startswith(f"openai:{fake.url}")
     assert RuleSet.model_validate(LLM_RULES) == report.rules
     assert fake.chat_requests()[-1]["response_format"]["json_schema"]["name"] == "rule_set"

@@ -167,6 +167,10 @@ class ClipBackbone:
         x = (x - self._mean) / self._std
         return x.to(device=self.device, dtype=self.dtype)
 
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images back to [0, 1] RGB (the inverse of :meth:`preprocess`'s normalisation)."""
+        return (x.float() * self._std.to(x.device) + self._mean.to(x.device)).clamp(0, 1)
+
     def _positional_embedding(self, grid: tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:
         if interpolation not in POS_INTERPOLATIONS:
             raise BackboneError(f"unknown positional interpolation {interpolation!r}; allowed: {POS_INTERPOLATIONS}")

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from vlad._optional import require
 from vlad.errors import ConfigError
@@ -39,6 +39,31 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 2
 Message = dict[str, Any]
 CheckRow = tuple[str, bool | None, str]
+
+
+@runtime_checkable
+class LVLMBackend(Protocol):
+    """The seam every explainer backend implements (:class:`TemplateBackend`, :class:`OpenAIBackend`,
+    :class:`TransformersBackend`, and test fakes). Model backends (``is_model`` True) also offer ``stream`` and
+    ``complete``; the template answers from facts instead."""
+
+    is_model: bool
+
+    @property
+    def spec(self) -> str: ...
+
+    def check(self) -> list[CheckRow]: ...
+
+
+@runtime_checkable
+class ModelBackend(LVLMBackend, Protocol):
+    """A backend with a model behind it: the explainer and the rules parser call these two."""
+
+    def stream(
+        self, messages: list[Message], *, max_tokens: int = 512, json_schema: dict | None = None
+    ) -> Iterator[str]: ...
+
+    def complete(self, messages: list[Message], *, max_tokens: int = 512, json_schema: dict | None = None) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -102,11 +102,11 @@ def configure_scorer(
         ConfigError: the scorer already holds references, the transform changes and ``references`` is None; or the
             rules both ignore and focus on one concept.
     """
-    baseline = scorer.__dict__.setdefault("_rules_baseline", _baseline(scorer))
+    baseline = scorer.rules_state.setdefault("baseline", _baseline(scorer))
     transform_hits = _configure_transform(scorer, ruleset, baseline, references, object_name)  # may raise: first
     hits, prompts_changed = _configure_prompts(scorer, ruleset, baseline)
-    if prompts_changed and hasattr(scorer, "_calibrated"):
-        scorer._calibrated.clear()  # calibrated thresholds depend on the text prototypes
+    if prompts_changed:
+        scorer.invalidate_calibration()  # calibrated thresholds depend on the text prototypes
     return hits + transform_hits
 
 
@@ -121,7 +121,7 @@ def _prompt_block(scorer: Any) -> str | None:
     """Why the scorer cannot take prompt rules, or None when it can."""
     if getattr(scorer, "ensemble", None) is None:
         return f"scorer {scorer.name} has no prompt ensemble (it compares image features only)"
-    if getattr(scorer, "_text_override", None) is not None:
+    if getattr(scorer, "uses_learned_text", False):
         return f"scorer {scorer.name} uses learned text features instead of prompts"
     return None
 
@@ -176,7 +176,7 @@ def _configure_transform(
     if isinstance(own, ConceptTransform):
         clauses = _transform_clauses(own) + clauses
     key = (_clauses_text(clauses), object_name)
-    built = scorer.__dict__.get("_rules_transform")
+    built = scorer.rules_state.get("transform")
     if built is not None and built[0] == key and scorer.transform is built[1]:
         transform = built[1]  # the same rules again: nothing to rebuild or re-fit
     else:
@@ -184,7 +184,7 @@ def _configure_transform(
         if own is not None and not isinstance(own, ConceptTransform):
             transform = ChainedTransform(own, transform)
         _set_transform(scorer, transform, references)
-        scorer.__dict__["_rules_transform"] = (key, transform)
+        scorer.rules_state["transform"] = (key, transform)
     detail = {"transform": transform.describe(), "scorer": scorer.name}
     return [RuleHit(r.label, "features transformed", {**detail, "concept": r.concept}) for r in rules]
 
@@ -210,16 +210,10 @@ def _clauses_text(clauses: list[tuple[str, str]]) -> str:
 
 
 def _set_transform(scorer: Any, transform: Any, references: Sequence[Any] | None) -> None:
-    if getattr(scorer, "few_shot", False):
-        if references is None:
-            raise ConfigError(
-                f"scorer {scorer.name} already holds references whose features were computed with another LAFT "
-                "transform; pass references= to configure_scorer, or configure before fit()"
-            )
-        scorer.transform = transform
-        scorer.fit(references)
-        return
-    scorer.transform = transform
+    try:
+        scorer.set_transform(transform, references=references)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}: pass references= to configure_scorer, or configure before fit()") from exc
 
 
 @dataclass(frozen=True, eq=False)

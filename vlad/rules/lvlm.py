@@ -1,10 +1,9 @@
 """Parsing rules through a language model, with the RuleSet JSON schema as the response format.
 
-The backend comes from :mod:`vlad.explain` (``load_backend(spec)``, whose model backends offer
-``complete(messages, max_tokens=, json_schema=)``); when that package cannot be imported, a small client on the
-``openai`` SDK serves ``openai:URL[#model]`` specs. The reply is validated with the schema; any failure raises
-:class:`RulesLVLMError` with one line saying why, and :func:`vlad.rules.load.parse_rules` falls back to the
-deterministic parser and says so. openai is imported only here, inside functions.
+The backend is the explainer's (:func:`vlad.explain.backends.load_backend`: one OpenAI-compatible client for the whole
+project), whose model backends offer ``complete(messages, max_tokens=, json_schema=)``. The reply is validated with
+the schema; any failure raises :class:`RulesLVLMError` with one line saying why, and
+:func:`vlad.rules.load.parse_rules` falls back to the deterministic parser and says so.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ import logging
 import re
 from typing import Any
 
-from vlad._optional import require
-from vlad.errors import ConfigError, MissingDependencyError, VladError
+from vlad.errors import ConfigError, VladError
 from vlad.rules.parse import ParseReport, report_from_ruleset, split_clauses, validate_ruleset_data
 from vlad.rules.schema import RULE_KINDS, RuleSet, area_names, laft_aliases
 
@@ -64,11 +62,8 @@ def json_backend(lvlm: Any, timeout: float) -> Any:
         if callable(getattr(lvlm, "complete", None)):
             return lvlm
         raise ConfigError(f"the LVLM backend {type(lvlm).__name__} has no complete() method")
-    try:
-        from vlad.explain.backends import load_backend
-    except ImportError:
-        logger.info("vlad.explain is unavailable; using the openai SDK directly for %s", lvlm)
-        return OpenAIJsonClient.from_spec(lvlm, timeout=timeout)
+    from vlad.explain.backends import load_backend
+
     try:
         backend = load_backend(lvlm, timeout=timeout)
     except VladError as exc:
@@ -76,53 +71,6 @@ def json_backend(lvlm: Any, timeout: float) -> Any:
     if not callable(getattr(backend, "complete", None)):
         raise RulesLVLMError(f"the LVLM {lvlm!r} cannot complete text (is_model is false)")
     return backend
-
-
-class OpenAIJsonClient:
-    """The smallest OpenAI-compatible client that can ask for a JSON reply (used when vlad.explain is missing).
-
-    Args:
-        base_url: the server's ``/v1`` URL.
-        model: the model id; the first one ``/v1/models`` lists when None.
-        timeout: seconds per request.
-    """
-
-    def __init__(self, base_url: str, model: str | None = None, *, timeout: float = 60.0) -> None:
-        try:
-            openai = require("openai", "explain", what="parsing rules with openai:...")
-        except MissingDependencyError as exc:
-            raise RulesLVLMError(str(exc)) from exc  # the caller falls back to the deterministic parser
-        import os
-
-        key = os.environ.get("VLAD_LVLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self.spec = f"openai:{base_url}" + (f"#{model}" if model else "")
-        self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=1)
-        self.model = model
-
-    @classmethod
-    def from_spec(cls, spec: str, *, timeout: float = 60.0) -> OpenAIJsonClient:
-        kind, _, rest = spec.partition(":")
-        url, _, model = rest.partition("#")
-        if kind != "openai" or not url.startswith(("http://", "https://")):
-            raise RulesLVLMError(f"without vlad.explain only openai:<http(s) URL>[#model] specs work, got {spec!r}")
-        return cls(url.rstrip("/"), model.strip() or None, timeout=timeout)
-
-    def complete(
-        self, messages: list[dict[str, Any]], *, max_tokens: int = 512, json_schema: dict | None = None
-    ) -> str:
-        """The reply text; ``json_schema`` is sent as ``response_format``."""
-        if self.model is None:
-            self.model = self.client.models.list().data[0].id
-        kwargs: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-        }
-        if json_schema is not None:
-            kwargs["response_format"] = {"type": "json_schema", "json_schema": json_schema}
-        response = self.client.chat.completions.create(**kwargs)
-        return response.choices[0].message.content or ""
 
 
 def messages(text: str) -> list[dict[str, Any]]:

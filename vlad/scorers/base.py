@@ -126,6 +126,7 @@ class Scorer:
         self._calibration_warning: str | None = None
         self.transform = self._concept_transform(concepts)
         self.adapter: str | None = None  # set by vlad.adapters.apply_adapter
+        self.rules_state: dict[str, Any] = {}  # what vlad.rules.configure_scorer changed, so it can undo it
 
     def _concept_transform(self, concepts: str | Any | None) -> Any:
         if concepts is None or (isinstance(concepts, str) and not concepts.strip()):
@@ -136,6 +137,26 @@ class Scorer:
             return build_transform(self.backbone, concepts)
         return concepts
 
+    def set_transform(self, transform: Any, *, references: Sequence[ImageLike] | None = None) -> None:
+        """Use this feature transform (a :class:`~vlad.laft.FeatureTransform`, or None) from now on. Few-shot
+        references are fitted again, since their features depend on it.
+
+        Raises:
+            ConfigError: the scorer holds references and ``references`` is None.
+        """
+        if self.few_shot and references is None:
+            raise ConfigError(
+                f"scorer {self.name} already holds references whose features were computed with another feature "
+                "transform; pass the references again (or set the transform before fit())"
+            )
+        self.transform = transform
+        if self.few_shot:
+            self.fit(references)  # type: ignore[arg-type]
+
+    def invalidate_calibration(self) -> None:
+        """Forget calibrated thresholds (they depend on the text prototypes and the transform)."""
+        self._calibrated.clear()
+
     def steer(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) normalised features -> the LAFT-transformed, renormalised features (identity without concepts)."""
         if self.transform is None:
@@ -145,6 +166,10 @@ class Scorer:
     # ------------------------------------------------------------------ subclass API
     def default_image_size(self) -> int:
         return self.backbone.native_size
+
+    def features(self, x: torch.Tensor) -> Features:
+        """The scorer's features of a preprocessed (B, 3, S, S) batch (see :meth:`_extract`)."""
+        return self._extract(x)
 
     def _extract(self, x: torch.Tensor) -> Features:
         raise NotImplementedError

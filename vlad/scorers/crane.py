@@ -143,6 +143,11 @@ class CraneScorer(Scorer):
             raise ConfigError(f"text features must be (2, {self.backbone.embed_dim}), got {tuple(text.shape)}")
         self._text_override = None if text is None else F.normalize(text.float(), dim=-1)
 
+    @property
+    def uses_learned_text(self) -> bool:
+        """True when learned text features (an adapter) replace the prompt ensemble."""
+        return self._text_override is not None
+
     def text_prototypes(self, object_name: str) -> torch.Tensor:
         if self._text_override is not None:
             return self.steer(self._text_override)
@@ -181,7 +186,7 @@ class CraneScorer(Scorer):
         mixed = F.linear(attn.to(values.dtype) @ values, block.attn.out_proj.weight, block.attn.out_proj.bias)
         return self.backbone.project_tokens(mixed)
 
-    def _token_sets(self, feats: Features) -> list[torch.Tensor]:
+    def token_sets(self, feats: Features) -> list[torch.Tensor]:
         sets = [feats[f"layer{layer}"] for layer in self.layers]
         if "dattn" in feats:
             sets.append(feats["dattn"])
@@ -195,9 +200,9 @@ class CraneScorer(Scorer):
         text = self.text_prototypes(object_name).to(feats["global"].device)
         return text.expand(feats["global"].shape[0], -1, -1)
 
-    def _patch_logits(self, feats: Features, text: torch.Tensor) -> torch.Tensor:
+    def patch_logits(self, feats: Features, text: torch.Tensor) -> torch.Tensor:
         """(L, B, N, 2) per token set, ``cos / temperature``."""
-        return torch.stack([torch.einsum("bnd,bkd->bnk", f, text) / self.temperature for f in self._token_sets(feats)])
+        return torch.stack([torch.einsum("bnd,bkd->bnk", f, text) / self.temperature for f in self.token_sets(feats)])
 
     def _patch_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(L, B, N, 2) -> (B, N) anomaly probability (soft mean over sets, or softmax of mean logits)."""
@@ -210,7 +215,7 @@ class CraneScorer(Scorer):
     ) -> torch.Tensor:
         """(B,) Crane's local-to-global score: anomaly-weighted patch features fused 50/50 with the global one."""
         weights = torch.softmax(logits.mean(0), dim=-1)[..., 1]  # (B, N)
-        local = F.normalize((weights[..., None] * torch.stack(self._token_sets(feats)).mean(0)).sum(1), dim=-1)
+        local = F.normalize((weights[..., None] * torch.stack(self.token_sets(feats)).mean(0)).sum(1), dim=-1)
         fused = F.normalize(0.5 * local + 0.5 * feats["global"], dim=-1)
         return torch.softmax(torch.einsum("bd,bkd->bk", fused, text) / TEMPERATURE, dim=-1)[:, 1]
 
@@ -230,7 +235,7 @@ class CraneScorer(Scorer):
 
     def _score(self, feats: Features, object_name: str, memory: Features | None) -> tuple[torch.Tensor, torch.Tensor]:
         text = self._text_batch(feats, object_name)
-        logits = self._patch_logits(feats, text)
+        logits = self.patch_logits(feats, text)
         maps = self._probability_maps(logits)
         few = None
         if memory is not None:

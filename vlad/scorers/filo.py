@@ -255,7 +255,7 @@ class FiloScorer(CraneScorer):
         return feats
 
     def _to_pil(self, x: torch.Tensor) -> list[Image.Image]:
-        raw = (x.float() * self.backbone._std.to(x.device) + self.backbone._mean.to(x.device)).clamp(0, 1)
+        raw = self.backbone.denormalize(x)
         arrays = (raw.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arrays]
 
@@ -294,7 +294,7 @@ class FiloScorer(CraneScorer):
         if self.profile != "paper":
             return super()._score(feats, object_name, memory)
         text = self._text_batch(feats, object_name)  # Frobenius-normalised pair
-        logits = self._patch_logits(feats, text)  # (L, B, N, 2): 100 cos with the 1/sqrt 2 text (FiLo.py:684-686)
+        logits = self.patch_logits(feats, text)  # (L, B, N, 2): 100 cos with the 1/sqrt 2 text (FiLo.py:684-686)
         n_sets, batch = logits.shape[:2]
         size = self.image_size
         grid = logits.reshape(n_sets * batch, *self.grid, 2).permute(0, 3, 1, 2)
