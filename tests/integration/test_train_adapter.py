@@ -207,9 +207,14 @@ def test_adapter_option_on_detect_style_parsers(trained, backbone):
     args = parser.parse_args(["--adapter", str(out)])
     scorer = CraneScorer(backbone, image_size=SIZE)
     assert apply_adapter_option(scorer, parser.parse_args([])) is scorer
-    assert scorer._text_override is None
+    assert not scorer.uses_learned_text
     apply_adapter_option(scorer, args)
-    assert scorer._text_override is not None or scorer.backbone is not backbone
+    if trained[0] == "crane-prompts":
+        assert scorer.uses_learned_text
+        assert scorer.backbone is backbone
+    else:  # lora: a LoRA'd copy of the vision tower, the prompts untouched
+        assert not scorer.uses_learned_text
+        assert scorer.backbone is not backbone
 
 
 def test_existing_output_needs_overwrite(cli, dataset, runs, tmp_path):

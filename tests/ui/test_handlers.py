@@ -25,7 +25,7 @@ def test_new_image_then_follow_up_keeps_context(service, uploads):
     assert "score" in history[1]["content"]
     assert "threshold" in history[1]["content"]
     assert history[2]["content"].startswith("**part: ")
-    assert ("ANOMALOUS" in verdict) or ("NORMAL" in verdict)
+    assert session.inspection.result.verdict.upper() in verdict
     assert slider[0].size == slider[1].size == session.inspection.image.size
     assert report.endswith("report.json")
     _, history2, session2, *_ = _run(service, {"text": "where is it?", "files": []}, history, session)
@@ -66,14 +66,18 @@ def test_random_backbone_warning_in_status(service):
     assert "random weights" in service.status_markdown()
 
 
-def test_sensitivity_rethresholds_without_rescoring(service, uploads):
+def test_sensitivity_rethresholds_without_rescoring(service, uploads, monkeypatch):
     _, _, session, *_ = _run(service, {"text": "", "files": [str(uploads["bad"])]})
     before = session.inspection.result
+    scorer = session.inspection.detector.scorer
+    monkeypatch.setattr(scorer, "score_many", lambda *a, **k: pytest.fail("re-thresholding must not re-score"))
     session, verdict, *_ = resensitise(service, session, 1.0)
     after = session.inspection.result
     assert after.pred_score == before.pred_score
-    assert after.threshold < before.threshold
-    assert after.anomaly_map is before.anomaly_map or (after.anomaly_map == before.anomaly_map).all()
+    assert after.threshold == pytest.approx(before.threshold - 0.5 * before.score_scale)
+    assert after.anomaly_map is before.anomaly_map
+    assert after.explanation == before.explanation
+    assert after.verdict.upper() in verdict
 
 
 def test_sessions_are_isolated(service, uploads):
@@ -113,7 +117,7 @@ def test_rules_apply_and_are_shown(service, uploads):
     from webui.app import check_rules
 
     assert "I understood" in check_rules("ignore the top left corner")
-    assert "not understood" in check_rules("the moon is made of cheese") or "⚠️" in check_rules("the moon is cheese")
+    assert check_rules("the moon is made of cheese").startswith("- ❓ not understood: 'the moon is made of cheese'")
     settings = ("part", "winclip", "", None, "ignore the top left corner; a dent is a defect", 0.5)
     _, history, session, verdict, *_ = _run(service, {"text": "", "files": [str(uploads["bad"])]}, settings=settings)
     hits = {h.rule for h in session.inspection.result.rule_hits}

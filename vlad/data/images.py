@@ -119,7 +119,7 @@ def expand_inputs(
 
     Returns:
         ``(files, problems)``: the files to process, and ``(path, message)`` pairs for inputs that were skipped
-        ("not found", or "directory contains no images (looked for ...)").
+        ("image not found: PATH", or "directory contains no images (looked for ...)").
     """
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     files: list[Path] = []
@@ -128,7 +128,7 @@ def expand_inputs(
     for item in items:
         p = Path(item)
         if not p.exists():
-            problems.append((p, "not found"))
+            problems.append((p, f"image not found: {p}"))
             continue
         found = _images_in_dir(p, recursive) if p.is_dir() else [p]
         if not found:
