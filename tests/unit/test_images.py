@@ -337,7 +337,7 @@ def image_tree(tmp_path: Path) -> Path:
 
 def test_expand_directory_recursive_sorted(image_tree: Path) -> None:
     files, problems = expand_inputs([image_tree])
-    assert problems == []
+    assert [(p.name, msg.split(":")[0]) for p, msg in problems] == [("notes.txt", "not an image file")]
     assert [f.relative_to(image_tree).as_posix() for f in files] == ["a.jpg", "b.png", "sub/c.JPG", "sub/deeper/d.tiff"]
 
 
@@ -347,15 +347,20 @@ def test_expand_directory_non_recursive(image_tree: Path) -> None:
 
 
 def test_expand_problems(tmp_path: Path) -> None:
-    empty = tmp_path / "empty"
+    empty, docs = tmp_path / "empty", tmp_path / "docs"
     empty.mkdir()
-    (empty / "readme.md").write_text("x")
-    files, problems = expand_inputs([tmp_path / "ghost.png", empty])
+    docs.mkdir()
+    (docs / "readme.md").write_text("x")
+    files, problems = expand_inputs([tmp_path / "ghost.png", empty, docs])
     assert files == []
     assert problems[0] == (tmp_path / "ghost.png", f"image not found: {tmp_path / 'ghost.png'}")
     assert problems[1][0] == empty
     assert problems[1][1].startswith("directory contains no images (looked for .png, .jpg")
     assert all(ext in problems[1][1] for ext in IMAGE_EXTENSIONS)
+    assert problems[2] == (
+        docs / "readme.md",
+        f"not an image file: {docs / 'readme.md'} (vlad reads .png, .jpg, .jpeg, .bmp, .tif, .tiff, .webp, .gif)",
+    )
 
 
 def test_expand_keeps_explicit_non_image_file_and_order_and_dedupes(image_tree: Path) -> None:

@@ -7,6 +7,7 @@ report the bad file and carry on. Size limits are checked from the file header b
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -30,8 +31,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-"""File extensions (lower case) treated as images when a directory is expanded."""
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+"""File extensions (lower case) treated as images when a directory is expanded (a GIF is read as its first frame)."""
+
+HEIF_EXTENSIONS: tuple[str, ...] = (".heic", ".heif")
+"""Read when the optional ``pillow-heif`` package is installed (``pip install 'vlad[heic]'``)."""
+
+_NOT_READABLE: dict[str, str] = {
+    ".svg": "an SVG is a vector drawing, not a photo: rasterise it (e.g. to PNG) first",
+    ".pdf": "a PDF is not an image: export its pages as PNG first",
+    ".raw": "a camera RAW file: convert it to PNG or TIFF first",
+    ".dng": "a camera RAW file: convert it to PNG or TIFF first",
+}
 
 MAX_PIXELS = 64_000_000
 """Largest accepted ``width * height``; bigger images are refused before decoding."""
@@ -109,7 +120,9 @@ def expand_inputs(
     """Turn files and directories given by the user into a list of image files plus a list of problems.
 
     Directories are expanded to the files inside them whose extension is in ``IMAGE_EXTENSIONS`` (case-insensitive),
-    sorted, descending into subdirectories when ``recursive``; hidden entries (names starting with ".") are skipped.
+    sorted, descending into subdirectories when ``recursive``; every other entry gets a problem saying why it is
+    skipped (not an image, HEIC without pillow-heif, SVG, a symlink loop or broken link, a linked folder, a pipe);
+    hidden entries (names starting with ".", OS and tool metadata) are left out.
     A file given explicitly is kept whatever its extension (:func:`load_image` decides whether it is an image).
     Duplicates (same resolved path) are dropped, keeping the first occurrence and the input order.
 
@@ -128,30 +141,90 @@ def expand_inputs(
     for item in items:
         p = Path(item)
         if not p.exists():
-            problems.append((p, f"image not found: {p}"))
+            problems.append((p, _missing(p)))
             continue
-        found = _images_in_dir(p, recursive) if p.is_dir() else [p]
-        if not found:
-            problems.append((p, f"directory contains no images (looked for {', '.join(IMAGE_EXTENSIONS)})"))
+        if p.is_dir():
+            found, skipped = _entries(p, recursive)
+            problems += skipped
+            if not found and not skipped:
+                problems.append((p, f"directory contains no images (looked for {', '.join(IMAGE_EXTENSIONS)})"))
+        else:
+            found = [p]
         for f in found:
             key = f.resolve()
             if key not in seen:
                 seen.add(key)
                 files.append(f)
+    # an entry skipped in a folder but also given explicitly is read, not reported
+    problems = [(f, msg) for f, msg in problems if not (f.exists() and f.resolve() in seen)]
     return files, problems
 
 
-def _images_in_dir(directory: Path, recursive: bool) -> list[Path]:
-    """Sorted image files in ``directory`` (recursively if asked), skipping hidden files and folders."""
+def _missing(p: Path) -> str:
+    """Why a path that does not exist does not: a symlink loop, a broken link, or nothing there."""
+    if p.is_symlink():
+        try:
+            p.resolve(strict=True)
+        except RuntimeError:
+            return f"symlink loop: {p} points back to itself"
+        except OSError:
+            return f"broken symlink: {p} points to {os.readlink(p)}, which does not exist"
+    return f"image not found: {p}"
+
+
+def _entries(directory: Path, recursive: bool) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files in ``directory`` (sorted; recursively if asked) and a reason for every other entry.
+
+    Hidden entries (names starting with ".": OS and tool metadata) are left out; folders are descended into, not
+    reported; linked folders are not followed (give them explicitly)."""
     candidates = directory.rglob("*") if recursive else directory.iterdir()
-    out = []
-    for f in candidates:
-        rel_parts = f.relative_to(directory).parts
-        if any(part.startswith(".") for part in rel_parts):
+    files, skipped = [], []
+    for f in sorted(candidates):
+        if any(part.startswith(".") for part in f.relative_to(directory).parts):
             continue
-        if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
-            out.append(f)
-    return sorted(out)
+        reason = _skip_reason(f)
+        if reason is None:
+            files.append(f)
+        elif reason:
+            skipped.append((f, reason))
+    return files, skipped
+
+
+def _skip_reason(f: Path) -> str | None:
+    """None for an image file to read, "" for an entry that needs no row (a folder), else why it is skipped."""
+    suffix = f.suffix.lower()
+    if f.is_symlink() and not f.exists():
+        return _missing(f)
+    if f.is_dir():
+        return f"linked folder not followed: {f} (give it as an input to scan it)" if f.is_symlink() else ""
+    if not f.is_file():
+        return f"not a regular file (a pipe, socket or device): {f}"
+    if suffix in IMAGE_EXTENSIONS:
+        return None
+    if suffix in HEIF_EXTENSIONS:
+        if _heif_available():
+            return None
+        return f"HEIC/HEIF image: {f}; convert it to PNG or JPEG, or install the heic extra: pip install 'vlad[heic]'"
+    if suffix in _NOT_READABLE:
+        return f"{_NOT_READABLE[suffix]}: {f}"
+    return f"not an image file: {f} (vlad reads {', '.join(IMAGE_EXTENSIONS)})"
+
+
+def _heif_available() -> bool:
+    """True when pillow-heif is installed; registers its HEIC/HEIF opener with Pillow (once)."""
+    global _HEIF_REGISTERED
+    if _HEIF_REGISTERED is None:
+        try:
+            import pillow_heif  # type: ignore[import-not-found]
+
+            pillow_heif.register_heif_opener()
+            _HEIF_REGISTERED = True
+        except ImportError:
+            _HEIF_REGISTERED = False
+    return _HEIF_REGISTERED
+
+
+_HEIF_REGISTERED: bool | None = None
 
 
 def _check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -172,6 +245,10 @@ def _open_checked(p: Path) -> Image.Image:
         ImageLoadError: See :func:`load_image`.
     """
     _check_file(p)
+    if p.suffix.lower() in HEIF_EXTENSIONS and not _heif_available():
+        raise ImageLoadError(
+            f"HEIC/HEIF image: {p}; convert it to PNG or JPEG, or install the heic extra: pip install 'vlad[heic]'"
+        )
     try:
         fh = p.open("rb")
     except OSError as exc:
@@ -179,6 +256,8 @@ def _open_checked(p: Path) -> Image.Image:
     with fh:  # we own the handle, so it is closed on every path, multi-frame files included
         im = _open_header(fh, p)
         _check_dimensions(im.size, p)
+        if getattr(im, "n_frames", 1) > 1:
+            logger.warning("%s has %d frames (an animation); vlad scores its first frame", p, im.n_frames)
         _decode(im, p)
         _exif_transpose(im, p)
     return im
@@ -199,7 +278,7 @@ def _decode(im: Image.Image, p: Path) -> None:
 def _check_file(p: Path) -> None:
     """Raise if ``p`` is missing, a directory or an empty file."""
     if not p.exists():
-        raise ImageLoadError(f"image not found: {p}")
+        raise ImageLoadError(_missing(p))
     if p.is_dir():
         raise ImageLoadError(f"expected an image file but got a directory: {p}")
     if p.stat().st_size == 0:
