@@ -189,7 +189,8 @@ def test_explain_row_with_the_template():
     assert row["explain_error"] is None
     assert row["explanation"].startswith("vlad's winclip scorer judges this bottle anomalous")
     assert row["report"]["verdict"] == "anomalous"
-    assert row["report"]["model_says_anomalous"] is True
+    assert row["report"]["model_says_anomalous"] is None  # no model, no opinion
+    assert row["report"]["confidence"] is None
 
 
 def test_explain_row_with_an_openai_server(fake):

@@ -107,7 +107,12 @@ def test_template_explain_outcome_has_a_valid_report():
     assert outcome.error is None
     assert not outcome.unparseable
     assert outcome.explanation.backend == "template"
-    assert AnomalyReport.model_validate(outcome.report).verdict == "anomalous"
+    opinion = {k: outcome.report[k] for k in ("model_says_anomalous", "confidence")}
+    assert opinion == {"model_says_anomalous": None, "confidence": None}  # only a model has an opinion
+    restated = {k: v for k, v in outcome.report.items() if k not in opinion}
+    assert AnomalyReport.model_validate({**restated, "model_says_anomalous": True, "confidence": 1.0}).verdict == (
+        "anomalous"
+    )
 
 
 # ---------------------------------------------------------------------- template answers

@@ -126,3 +126,27 @@ def _network_reachable(cfg: dict, timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def patch_size_of(spec: str) -> int | None:
+    """The vision patch size a spec's architecture has, read from its config without loading weights (None when it
+    cannot be known before loading: Hub repos, unknown names)."""
+    import json
+
+    parsed = parse_spec(spec)
+    if parsed.model == TINY_MODEL:
+        config = json.loads((_CONFIG_DIR / f"{TINY_MODEL}.json").read_text(encoding="utf-8"))
+    elif parsed.model.startswith("local-dir:"):
+        path = Path(parsed.model.removeprefix("local-dir:")) / "open_clip_config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8")).get("model_cfg", {})
+        except (OSError, ValueError):
+            return None
+    elif parsed.model.startswith("hf-hub:"):
+        return None
+    else:
+        import open_clip
+
+        config = open_clip.get_model_config(parsed.model) or {}
+    size = config.get("vision_cfg", {}).get("patch_size")
+    return int(size) if isinstance(size, int) else None

@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VladError as exc:
         print(f"vlad {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a disk full, a folder removed under the run: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"vlad {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("vlad: interrupted", file=sys.stderr)
         return 130

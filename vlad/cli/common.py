@@ -99,8 +99,9 @@ def build_scorer(args: argparse.Namespace) -> Any:
     return apply_adapter_option(scorer, args)
 
 
-def build_detector(args: argparse.Namespace, *, explain: Any = None) -> Any:
-    """The inspection pipeline the options ask for (scorer, adapter, rules, overlays, explainer)."""
+def build_detector(args: argparse.Namespace, *, explain: Any = None, rules: Any = None) -> Any:
+    """The inspection pipeline the options ask for (scorer, adapter, rules, overlays, explainer); ``rules``: the
+    already parsed ``--rules`` (see :func:`check_options`)."""
     from vlad.pipeline import Detector
 
     def warn(message: str) -> None:
@@ -109,12 +110,86 @@ def build_detector(args: argparse.Namespace, *, explain: Any = None) -> Any:
     return Detector(
         build_scorer(args),
         object_name=getattr(args, "object_name", "object"),
-        rules=getattr(args, "rules", None),
+        rules=rules if rules is not None else getattr(args, "rules", None),
         detector=getattr(args, "detector", None),
         explain=explain,
         overlays=not getattr(args, "no_overlay", True),
         on_warning=warn,
     )
+
+
+def check_options(args: argparse.Namespace, *, has_references: bool) -> Any:
+    """Everything that can be checked before a model loads (seconds, not the 25-30 s of a model load): the product
+    name, the threshold against the scorer's score range, the image size against the backbone's patch size, references
+    for a scorer that needs them, and the rules (returned parsed, or None).
+
+    Raises:
+        UsageError: one line naming the option and what it accepts.
+    """
+    from vlad.backbones.spec import patch_size_of
+    from vlad.errors import BackboneError
+    from vlad.scorers import scorer_facts
+
+    name = getattr(args, "object_name", None)
+    if name is not None and not name.strip():
+        raise UsageError("--object must name the product, e.g. --object bottle (it is empty)")
+    facts = scorer_facts(args.scorer)
+    low, high = facts["score_range"]
+    threshold = getattr(args, "threshold", None)
+    if threshold is not None and not low <= threshold <= high:
+        raise UsageError(f"--threshold {threshold:g} is outside the {args.scorer} score range [{low:g}, {high:g}]")
+    size = getattr(args, "image_size", None)
+    if size is not None:
+        spec = getattr(args, "backbone", None) or facts["default_backbone"]
+        try:
+            patch = patch_size_of(spec)
+        except BackboneError as exc:
+            raise UsageError(f"--backbone: {exc}") from None
+        if patch and size % patch:
+            raise UsageError(
+                f"--image-size {size} is not a multiple of the patch size {patch} of {spec}; "
+                f"use e.g. {max(patch, size // patch * patch)} or {(size // patch + 1) * patch}"
+            )
+    if facts["needs_references"] and not has_references:
+        raise UsageError(
+            f"{args.scorer} needs normal reference images: give them with --refs (detect) or --shots (eval)"
+        )
+    rules = getattr(args, "rules", None)
+    if not rules:
+        return None
+    from vlad.rules import load_rules_arg
+
+    return load_rules_arg(rules)
+
+
+def probe_lvlm(explain: Any) -> str | None:
+    """Warn (never fail) when the language model of ``--explain --lvlm`` does not answer now; returns why (then the
+    run uses the template explanation and says so only this once), else None."""
+    if explain is None or not str(explain.lvlm).startswith("openai:"):
+        return None
+    from vlad.explain.backends import load_backend
+
+    try:
+        load_backend(explain.lvlm, timeout=min(5.0, explain.timeout), max_retries=0).list_models()
+    except VladError as exc:
+        print(f"warning: {exc}; explanations use the template", file=sys.stderr, flush=True)
+        return str(exc)
+    return None
+
+
+def open_output_dir(out: Path) -> Path:
+    """Make the output folder now, before any model loads; an existing file there or no write permission is a
+    one-line usage error."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the report and overlays")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".vlad-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out
 
 
 class Progress:

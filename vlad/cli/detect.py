@@ -14,24 +14,34 @@ from vlad.cli.common import (
     Progress,
     add_model_options,
     build_detector,
+    check_options,
     emit_json,
     expand_or_fail,
     load_references,
+    open_output_dir,
+    probe_lvlm,
     save_map,
     unique_name,
 )
 
 
-def _detect_rows(det: Any, files: list[Path], problems: list, args: argparse.Namespace, out: Path) -> list[dict]:
-    """Report rows, the same keys for every input: unreadable ones first, then one per file in order."""
+def _detect_rows(det: Any, files: list[Path], problems: list, args: argparse.Namespace, out: Path, fh: Any) -> list:
+    """Report rows, the same keys for every input: unreadable ones first, then one per file as it is scored. Each row
+    is written to ``fh`` and flushed at once, so a crash or Ctrl-C never loses the results so far."""
     from vlad.pipeline import InspectionRecord
 
     settings, explain = det.settings(), det.explainer is not None
-    rows = [
-        InspectionRecord(str(p), args.object_name, error=msg).to_row(settings, explain=explain) for p, msg in problems
-    ]
+    rows: list[dict[str, Any]] = []
+
+    def keep(row: dict[str, Any]) -> None:
+        rows.append(row)
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+    for p, msg in problems:
+        keep(InspectionRecord(str(p), args.object_name, error=msg).to_row(settings, explain=explain))
     used: set[str] = set()
-    for record in det.inspect_many([str(f) for f in files], args.object_name, progress=Progress("detect")):
+    for record in det.iter_inspect([str(f) for f in files], args.object_name, progress=Progress("detect")):
         overlay_path = map_path = None
         if record.ok:
             name = unique_name(Path(record.source).stem, used)  # the same name for the overlay and the map
@@ -40,7 +50,7 @@ def _detect_rows(det: Any, files: list[Path], problems: list, args: argparse.Nam
                 record.overlay.save(overlay_path)
             if getattr(args, "save_maps", False):
                 map_path = save_map(out / "maps" / f"{name}.npy", record.result.anomaly_map)
-        rows.append(record.to_row(settings, overlay_path=overlay_path, map_path=map_path, explain=explain))
+        keep(record.to_row(settings, overlay_path=overlay_path, map_path=map_path, explain=explain))
     return rows
 
 
@@ -66,18 +76,19 @@ def run_detect(args: argparse.Namespace) -> int:
 
         explain = explain_options(args)
         explain.check()
+    rules = check_options(args, has_references=bool(args.refs))
     files, problems = expand_or_fail(args.inputs, "inputs")
+    out = open_output_dir(Path(args.out))
     refs = load_references(args.refs) if args.refs is not None else None
-    det = build_detector(args, explain=explain)
+    lvlm_down = probe_lvlm(explain)
+    det = build_detector(args, explain=explain, rules=rules)
+    if lvlm_down is not None:
+        det.explainer.mark_down(lvlm_down)
     if refs:
         det.fit(refs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = _detect_rows(det, files, problems, args, out)
     report = out / "report.jsonl"
     with report.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+        rows = _detect_rows(det, files, problems, args, out, fh)
     failed = sum(1 for r in rows if r.get("error"))
     if args.format == "json":
         emit_json({"report": str(report), "out": str(out), "failed": failed, "results": rows})

@@ -22,6 +22,7 @@ from vlad.cli.common import (
     UsageError,
     add_model_options,
     build_detector,
+    check_options,
     save_map,
     unique_name,
 )
@@ -169,11 +170,28 @@ def _eval_maps_dir(args: argparse.Namespace) -> Path | None:
     return out.with_name(f"{out.stem}_maps")
 
 
+def _check_json_out(out: str | None) -> None:
+    """``--out`` must be a writable file path: checked before any model loads."""
+    if not out:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give the metrics JSON's file name, e.g. {path / 'metrics.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from vlad.data import load_dataset, prompt_name, reference_images
     from vlad.data.defects import prompt_overlap_warnings
     from vlad.metrics import macro_mean
 
+    rules = check_options(args, has_references=args.shots > 0)
+    _check_json_out(args.out)
     maps_dir = _eval_maps_dir(args)
     samples = load_dataset(args.root, args.layout, args.category, split="test")
     by_category: dict[str, list[Any]] = defaultdict(list)
@@ -189,7 +207,7 @@ def run_eval(args: argparse.Namespace) -> int:
         tracker = VerdictTracker()
     # concept rules change prompts / features and so the scores; region and verdict rules change labels only,
     # which the threshold-free metrics below do not read
-    det = build_detector(args, explain=explain)
+    det = build_detector(args, explain=explain, rules=rules)
     scorer = det.scorer
     started = time.perf_counter()
     results: dict[str, Any] = {}

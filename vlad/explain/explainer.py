@@ -116,6 +116,10 @@ def report_messages(evidence: Evidence) -> list[Message]:
 
 
 # ---------------------------------------------------------------------- explaining
+MODEL_OPINION_FIELDS = ("model_says_anomalous", "confidence")
+"""Report fields only a language model fills (its own yes/no and how sure it is); null from the template."""
+
+
 def explain(evidence: Evidence, backend: Any, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> ExplainOutcome:
     """Explains one image with a backend, falling back to the template (and saying so) when the model fails.
 
@@ -130,7 +134,8 @@ def explain(evidence: Evidence, backend: Any, *, max_tokens: int = DEFAULT_MAX_T
     facts = evidence.facts
     if not getattr(backend, "is_model", False):
         text = explain_text(facts)
-        report = template_report(facts).model_dump()
+        # the template restates the detector: it has no opinion, so the model's-opinion fields stay empty
+        report = {**template_report(facts).model_dump(), **dict.fromkeys(MODEL_OPINION_FIELDS)}
         return ExplainOutcome(Explanation(text=text, backend="template", report=report), assistant_text=text)
     template = prompts()["template"]
     try:

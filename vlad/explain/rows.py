@@ -61,6 +61,10 @@ class RowExplainer:
         """Why the language model was found unavailable in this run, or None."""
         return self._down
 
+    def mark_down(self, reason: str) -> None:
+        """Treat the language model as unavailable for the rest of the run (a check before the run found it down)."""
+        self._down = reason
+
     def backend(self) -> Any:
         if self._backend is None:
             from vlad.explain.backends import load_backend

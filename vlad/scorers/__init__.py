@@ -35,6 +35,29 @@ _SUMMARIES: dict[str, str] = {
 }
 
 
+_FACTS: dict[str, tuple[str, tuple[float, float], bool]] = {
+    # name: (default backbone family, raw score range, needs normal references)
+    "anomalyclip": ("dense", (0.0, 1.0), False),
+    "crane": ("dense", (0.0, 1.0), False),
+    "filo": ("dense", (0.0, 1.0), False),
+    "laft": ("winclip", (0.0, 2.0), True),  # cosine distances
+    "musc": ("dense", (0.0, 2.0), False),  # patch distances (vlad profile); the paper profile's are in [0, 1]
+    "winclip": ("winclip", (0.0, 1.0), False),
+}
+
+
+def scorer_facts(name: str) -> dict[str, Any]:
+    """What can be checked about a scorer before building it (imports nothing heavy): its default backbone spec,
+    the range of its raw scores (where a threshold means something) and whether it needs normal references."""
+    from vlad.backbones import DEFAULT_BACKBONE, WINCLIP_BACKBONE
+
+    if name not in _FACTS:
+        raise UnknownScorerError(f"unknown scorer {name!r}; available: {', '.join(list_scorers())}")
+    family, score_range, needs_references = _FACTS[name]
+    backbone = DEFAULT_BACKBONE if family == "dense" else WINCLIP_BACKBONE
+    return {"default_backbone": backbone, "score_range": score_range, "needs_references": needs_references}
+
+
 def list_scorers() -> list[str]:
     """Registered scorer names, sorted."""
     return sorted(_SCORERS)
