@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import numpy as np
 from scipy import ndimage
@@ -81,6 +82,20 @@ def find_regions(
     order = keep[np.lexsort((-stats["area"][keep], -stats["peak"][keep]))][:max_regions]
     slices = ndimage.find_objects(labels)
     return tuple(_make_region(stats, int(i), slices[i], amap.shape) for i in order)
+
+
+PEAK_BAND = 0.1
+"""A peak region holds the pixels within this share of the map's range below its maximum (and connected to it)."""
+
+
+def peak_region(anomaly_map: np.ndarray) -> Region:
+    """The area around the map's maximum, for an anomalous verdict with no pixel over the pixel threshold: the
+    8-connected pixels within :data:`PEAK_BAND` of the map's range below the peak, around the peak."""
+    amap = np.asarray(anomaly_map, dtype=np.float64)
+    peak, low = float(amap.max()), float(amap.min())
+    near = amap >= peak - PEAK_BAND * (peak - low)
+    best = max(find_regions(amap, near, max_regions=10**6), key=lambda r: (r.peak_score, r.area))
+    return replace(best, source="peak")
 
 
 def boxes_to_mask(

@@ -37,6 +37,8 @@ class Region:
         mean_score: the mean anomaly-map value inside the component.
         centroid: ``(x, y)`` centre of mass in pixels.
         position: one of :data:`POSITION_WORDS`, from the centroid on a 3x3 grid.
+        source: ``threshold`` (a component of the predicted mask) or ``peak`` (no pixel passed the pixel threshold
+            although the image score did: the area around the map's peak, so an anomalous verdict points somewhere).
     """
 
     bbox: tuple[int, int, int, int]
@@ -46,8 +48,11 @@ class Region:
     mean_score: float
     centroid: tuple[float, float]
     position: str
+    source: str = "threshold"
 
     def __post_init__(self) -> None:
+        if self.source not in REGION_SOURCES:
+            raise ValueError(f"Region.source must be one of {REGION_SOURCES}, got {self.source!r}")
         x0, y0, x1, y1 = self.bbox
         if not (0 <= x0 < x1 and 0 <= y0 < y1):
             raise ValueError(f"Region.bbox must satisfy 0 <= x0 < x1 and 0 <= y0 < y1, got {self.bbox}")
@@ -67,7 +72,11 @@ class Region:
             "mean_score": round(self.mean_score, 6),
             "centroid": [round(c, 2) for c in self.centroid],
             "position": self.position,
+            "source": self.source,
         }
+
+
+REGION_SOURCES = ("threshold", "peak")
 
 
 @dataclass(frozen=True)
@@ -152,9 +161,9 @@ class AnomalyResult:
             raise ValueError(f"normalized_score must be in [0, 1], got {self.normalized_score}")
         if self.score_scale <= 0:
             raise ValueError(f"score_scale must be positive, got {self.score_scale}")
-        if self.threshold_source not in ("default", "calibrated", "user"):
+        if self.threshold_source not in ("default", "calibrated", "user", "batch"):
             raise ValueError(
-                f"threshold_source must be 'default', 'calibrated' or 'user', got {self.threshold_source!r}"
+                f"threshold_source must be 'default', 'calibrated', 'user' or 'batch', got {self.threshold_source!r}"
             )
         object.__setattr__(self, "anomaly_map", amap)
         object.__setattr__(self, "pred_mask", mask)

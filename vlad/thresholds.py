@@ -12,6 +12,9 @@ Conventions (anomalib's): the normalised score is ``clip((x - t) / scale + 0.5, 
 - ``sensitivity`` in [0, 1] (default 0.5) moves the threshold by ``(0.5 - sensitivity) * scale``: 1.0 flags more,
   0.0 flags less. It re-thresholds without re-scoring.
 - A user threshold replaces the image and pixel thresholds (raw units) and keeps the default scale.
+- Calibrated scales are floored at 10 % of the scorer's default scale (tight references would make the normalised
+  score jump from 0 to 1 within a hair of the threshold), and fewer than 10 references draw a warning.
+- A transductive scorer (MuSc) without references takes batch-relative thresholds (:func:`batch_relative`).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlad.errors import ConfigError
-from vlad.regions import find_regions
+from vlad.regions import find_regions, peak_region
 
 if TYPE_CHECKING:
     from vlad.result import AnomalyResult
 
 MIN_REFERENCES_FOR_CALIBRATION = 2
+RECOMMENDED_REFERENCES = 10
+"""Below this many references a calibrated threshold carries a warning."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +77,14 @@ class Thresholds:
     def fields_for(self, score: float, anomaly_map: np.ndarray) -> dict[str, Any]:
         """The :class:`~vlad.result.AnomalyResult` fields these thresholds decide for a raw score and its map."""
         mask = anomaly_map >= self.pixel
+        regions = find_regions(anomaly_map, mask)
+        if score >= self.image and not regions:  # an anomalous verdict always points at something
+            regions = (peak_region(anomaly_map),)
         return {
             "pred_label": score >= self.image,
             "normalized_score": normalize(score, self.image, self.image_scale),
             "pred_mask": mask,
-            "regions": find_regions(anomaly_map, mask),
+            "regions": regions,
             "threshold": self.image,
             "pixel_threshold": self.pixel,
             "score_scale": self.image_scale,
@@ -114,12 +122,37 @@ def _threshold_from_normals(values: Sequence[float]) -> tuple[float, float]:
     return t, scale
 
 
-def calibrate(normal_scores: Sequence[float], normal_map_maxima: Sequence[float]) -> Thresholds:
-    """Thresholds from leave-one-out scores of normal references (see the module docstring)."""
+def calibrate(
+    normal_scores: Sequence[float], normal_map_maxima: Sequence[float], *, min_scale: float = 1e-6
+) -> Thresholds:
+    """Thresholds from leave-one-out scores of normal references (see the module docstring). ``min_scale`` floors
+    the scales: references that agree closely would otherwise give a scale so small that the normalised score
+    saturates at 0 or 1 a hair away from the threshold."""
     if len(normal_scores) < MIN_REFERENCES_FOR_CALIBRATION:
         raise ConfigError(
             f"calibration needs at least {MIN_REFERENCES_FOR_CALIBRATION} normal references, got {len(normal_scores)}"
         )
     image, image_scale = _threshold_from_normals(normal_scores)
     pixel, pixel_scale = _threshold_from_normals(normal_map_maxima)
-    return Thresholds(image, pixel, image_scale, pixel_scale, source="calibrated")
+    return Thresholds(image, pixel, max(image_scale, min_scale), max(pixel_scale, min_scale), source="calibrated")
+
+
+BATCH_MAD_FACTOR = 3.0
+"""A batch-relative threshold sits this many robust standard deviations (1.4826 MAD) above the batch median."""
+
+
+def batch_relative(scores: Sequence[float], map_maxima: Sequence[float], *, min_spread: float) -> Thresholds:
+    """Thresholds for a transductive scorer without references, from the batch itself: ``median + 3 * 1.4826 * MAD``
+    of the image scores (and of the maps' maxima for the pixel threshold), the spread floored at ``min_spread``.
+    Anomalies are assumed to be a minority of the batch (the premise of mutual scoring), so they stand out above it;
+    a batch of only defective parts breaks that premise."""
+
+    def rule(values: Sequence[float]) -> tuple[float, float]:
+        v = np.asarray(values, dtype=np.float64)
+        median = float(np.median(v))
+        spread = max(1.4826 * float(np.median(np.abs(v - median))), min_spread)
+        return median + BATCH_MAD_FACTOR * spread, 4.0 * BATCH_MAD_FACTOR * spread
+
+    image, image_scale = rule(scores)
+    pixel, pixel_scale = rule(map_maxima)
+    return Thresholds(image, pixel, image_scale, pixel_scale, source="batch")

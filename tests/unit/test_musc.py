@@ -134,9 +134,9 @@ def test_result_contract_and_determinism(scorer, texture_set):
         np.testing.assert_array_equal(r.anomaly_map, r2.anomaly_map)
         assert r.pred_score == r2.pred_score
         np.testing.assert_array_equal(r.pred_mask, r.anomaly_map >= r.pixel_threshold)
-        assert sum(reg.area for reg in r.regions) == int(r.pred_mask.sum())
-        assert (r.threshold, r.threshold_source, r.scorer) == (0.5, "default", "musc")
-        assert r.pred_label == (r.pred_score >= 0.5)
+        assert sum(reg.area for reg in r.regions if reg.source == "threshold") == int(r.pred_mask.sum())
+        assert (r.threshold, r.threshold_source, r.scorer) == (first[0].threshold, "batch", "musc")
+        assert r.pred_label == (r.pred_score >= r.threshold)
         assert r.meta["batch_size"] == 4
         assert 0.0 <= r.meta["batch_score"] <= 1.0
         assert any("random weights" in w for w in r.warnings)
@@ -233,3 +233,26 @@ def test_configuration_is_checked_and_described(tiny_backbone):
     assert (d["profile"], d["dataset"], d["activation"]) == ("paper", "mvtec", "gelu")
     assert math.isclose(d["fraction"], 0.3)
     assert "activation" not in MuscScorer(tiny_backbone, profile="vlad").describe()
+
+
+@pytest.mark.parametrize("profile", ["paper", "vlad"])
+def test_zero_shot_threshold_is_relative_to_the_batch(tiny_backbone, texture_set, profile):
+    """A mixed batch (mostly normal, one planted defect): the batch-relative threshold flags a minority, the defect
+    among them. A fixed threshold means nothing on batch-relative scores: here 0.5 misses the defect in the vlad
+    profile (its raw distances sit below 0.5 on this tiny model)."""
+    from vlad.thresholds import batch_relative
+
+    scorer = MuscScorer(tiny_backbone, profile=profile)
+    images = [*texture_set["refs"], texture_set["good"], texture_set["bad"]]
+    results = scorer.score_many(images, "texture")
+    flagged = [r.pred_label for r in results]
+    assert flagged[-1]  # the planted defect
+    assert sum(flagged) <= len(images) // 2
+    scores = [r.pred_score for r in results]
+    expected = batch_relative(scores, [0.0] * len(scores), min_spread=0.01 * scorer.default_scale)
+    assert results[0].threshold == pytest.approx(expected.image)
+    assert {r.threshold_source for r in results} == {"batch"}
+    fixed = MuscScorer(tiny_backbone, profile=profile, threshold=0.5).score_many(images, "texture")
+    assert {r.threshold_source for r in fixed} == {"user"}
+    if profile == "vlad":
+        assert not fixed[-1].pred_label

@@ -251,3 +251,66 @@ def test_boxes_to_mask_clips_and_handles_empty() -> None:
 def test_boxes_to_mask_rejects_bad_input(boxes: list, shape: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         boxes_to_mask(boxes, shape)
+
+
+def test_an_anomalous_verdict_without_pixels_over_the_threshold_points_at_the_peak():
+    from vlad.thresholds import Thresholds
+
+    amap = np.zeros((40, 40), np.float32)
+    amap[30:33, 5:8] = 0.43  # the strongest response (within 10 % of the range of its peak), below the threshold
+    amap[31, 6] = 0.45
+    fields = Thresholds(image=0.5, pixel=0.9).fields_for(0.7, amap)
+    assert fields["pred_label"]
+    assert not fields["pred_mask"].any()
+    (region,) = fields["regions"]
+    assert region.source == "peak"
+    assert region.bbox == (5, 30, 8, 33)
+    assert region.position == "bottom left"
+    assert region.peak_score == pytest.approx(0.45)
+    assert region.to_dict()["source"] == "peak"
+    normal = Thresholds(image=0.8, pixel=0.9).fields_for(0.7, amap)
+    assert normal["regions"] == ()  # a normal verdict needs no pointer
+    with pytest.raises(ValueError, match="Region.source must be one of"):
+        region.__class__(**{**region.__dict__, "source": "guess"})
+
+
+def test_the_template_explains_peak_regions_and_normal_verdicts_with_regions():
+    from vlad.explain.template import explain_text
+
+    facts = {
+        "object": "cap",
+        "scorer": "winclip",
+        "verdict": "anomalous",
+        "pred_score": 0.7,
+        "normalized_score": 0.7,
+        "threshold": 0.5,
+        "threshold_source": "default",
+        "peak": {"value": 0.45, "position": "bottom left"},
+        "regions": [
+            {
+                "index": 1,
+                "position": "bottom left",
+                "bbox": [5, 30, 8, 33],
+                "area": 9,
+                "area_fraction": 0.005625,
+                "peak_score": 0.45,
+                "mean_score": 0.4,
+                "source": "peak",
+            }
+        ],
+        "total_area_fraction": 0.005625,
+        "rule_hits": [],
+        "process_note": None,
+        "warnings": [],
+    }
+    text = explain_text(facts)
+    assert "No area is above the pixel threshold, but the image score is" in text
+    assert "the bottom left (0.6 % of the image)" in text
+    normal = {
+        **facts,
+        "verdict": "normal",
+        "normalized_score": 0.3,
+        "pred_score": 0.3,
+        "regions": [{**facts["regions"][0], "source": "threshold"}],
+    }
+    assert "so the part passes although one area is above the pixel threshold" in explain_text(normal)

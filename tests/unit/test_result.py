@@ -158,3 +158,22 @@ def test_thresholds_are_one_value_used_at_scoring_and_re_thresholding(tiny_backb
     )
     np.testing.assert_array_equal(moved.pred_mask, fresh.pred_mask)
     assert Thresholds.of(rethreshold(moved, 0.5)) == Thresholds.of(base)
+
+
+def test_calibrated_scale_has_a_floor_so_scores_do_not_saturate():
+    tight = calibrate([0.500, 0.5005, 0.501], [0.6, 0.6005, 0.601], min_scale=0.1)
+    assert tight.image_scale == pytest.approx(0.1)
+    assert tight.pixel_scale == pytest.approx(0.1)
+    assert normalize(tight.image + 0.015, tight.image, tight.image_scale) == pytest.approx(0.65)
+    unfloored = calibrate([0.500, 0.5005, 0.501], [0.6, 0.6005, 0.601])
+    assert normalize(unfloored.image + 0.015, unfloored.image, unfloored.image_scale) == 1.0
+
+
+def test_few_references_calibrate_with_a_warning(tiny_backbone, texture_set):
+    from vlad.scorers import get_scorer
+
+    scorer = get_scorer("winclip", backbone=tiny_backbone).fit(texture_set["refs"][:3])
+    r = scorer.score(texture_set["good"], "texture")
+    assert r.threshold_source == "calibrated"
+    assert r.score_scale >= 0.1 * scorer.default_scale
+    assert any("calibrated on only 3 reference images are rough; give 10 or more" in w for w in r.warnings)

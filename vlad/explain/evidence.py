@@ -300,6 +300,7 @@ def build_facts(
             "area_fraction": round(r.area_fraction, 6),
             "peak_score": round(r.peak_score, 6),
             "mean_score": round(r.mean_score, 6),
+            "source": r.source,
         }
         if region_phrases is not None and i < len(region_phrases) and region_phrases[i]:
             entry["phrase"] = region_phrases[i]

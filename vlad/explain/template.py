@@ -115,6 +115,9 @@ def _regions_sentence(facts: dict[str, Any]) -> str:
     regions = facts["regions"]
     if not regions:
         return t["no_regions"].format(position=facts["peak"]["position"])
+    if all(r.get("source") == "peak" for r in regions):
+        r = regions[0]
+        return t["peak_region"].format(position=r["position"], percent=100 * r["area_fraction"])
     items = []
     for r in regions[:4]:
         phrase = t["region_phrase"].format(phrase=r["phrase"]) if r.get("phrase") else ""
@@ -122,6 +125,9 @@ def _regions_sentence(facts: dict[str, Any]) -> str:
             t["region_item"].format(position=r["position"], percent=100 * r["area_fraction"], phrase_part=phrase)
         )
     more = f" and {len(regions) - 4} smaller ones" if len(regions) > 4 else ""
+    if facts["verdict"] == "normal":  # mid-sentence: "... although one area is above ..."
+        count = _count(len(regions), "area")
+        return t["normal_with_regions"].format(count_words=count[0].lower() + count[1:], items=", ".join(items) + more)
     return t["regions"].format(count_words=_count(len(regions), "area"), items=", ".join(items) + more)
 
 

@@ -28,7 +28,16 @@ from vlad.backbones import load_backbone
 from vlad.backbones.clip import ClipBackbone
 from vlad.errors import ConfigError
 from vlad.result import AnomalyResult
-from vlad.thresholds import MIN_REFERENCES_FOR_CALIBRATION, Thresholds, calibrate, check_sensitivity
+from vlad.thresholds import (
+    MIN_REFERENCES_FOR_CALIBRATION,
+    RECOMMENDED_REFERENCES,
+    Thresholds,
+    calibrate,
+    check_sensitivity,
+)
+
+MIN_SCALE_FRACTION = 0.1
+"""Calibrated scales are at least this share of the scorer's default scale."""
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +226,11 @@ class Scorer:
         if self.few_shot:
             if self._n_references >= MIN_REFERENCES_FOR_CALIBRATION:
                 base = self._calibrate(object_name)
+                if self._n_references < RECOMMENDED_REFERENCES:
+                    self._calibration_warning = (
+                        f"thresholds calibrated on only {self._n_references} reference images are rough; give "
+                        f"{RECOMMENDED_REFERENCES} or more normal images"
+                    )
             else:
                 self._calibration_warning = (
                     f"{self._n_references} reference image: the threshold cannot be calibrated (leave-one-out needs "
@@ -238,7 +252,7 @@ class Scorer:
                 s, m = self._score(one, object_name, self._memory(refs, keep))
                 scores.append(float(s[0]))
                 maxima.append(float(m[0].max()))
-            self._calibrated[object_name] = calibrate(scores, maxima)
+            self._calibrated[object_name] = calibrate(scores, maxima, min_scale=MIN_SCALE_FRACTION * self.default_scale)
         return self._calibrated[object_name]
 
     # ------------------------------------------------------------------ scoring

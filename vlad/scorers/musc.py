@@ -682,10 +682,21 @@ class MuscScorer(Scorer):
         else:
             relative = [round(v, 6) for v in _min_max_relative(scores, maps.flatten(1).amax(dim=1))]
         self._batch_warning = _small_batch_warning(members)
+        if th.source == "default" and not self.few_shot:  # zero-shot, no --threshold: relative to this batch
+            th = self._batch_thresholds(scores, maps)
         results = self._results(pil, scores, maps, th, timings)
         for result, rel in zip(results, relative, strict=True):
             result.meta.update({"batch_score": rel, "batch_size": members})
         return results
+
+    def _batch_thresholds(self, scores: torch.Tensor, maps: torch.Tensor) -> Thresholds:
+        """Zero-shot thresholds relative to this batch (:func:`vlad.thresholds.batch_relative`): a fixed threshold
+        means nothing for batch-relative scores (at the old 0.5 every image of a batch could be flagged)."""
+        from vlad.thresholds import batch_relative
+
+        maxima = maps.flatten(1).amax(dim=1).tolist()
+        th = batch_relative(scores.tolist(), maxima, min_spread=0.01 * self.default_scale)
+        return th.with_sensitivity(self.sensitivity)
 
     def warnings(self) -> tuple[str, ...]:
         """The base warnings, the small-batch one of the latest :meth:`score_many` and profile notes."""
