@@ -63,7 +63,8 @@ class InspectionRecord:
         result: the final result (rules applied, explanation attached), or None when the input failed.
         base_result: the scorer's result before rules (re-thresholding starts from it).
         image: the decoded RGB image (None when it could not be read).
-        overlay: the rendered overlay, when the detector renders overlays.
+        overlay: the rendered overlay, when the detector renders overlays (see :func:`vlad.viz.render_result`).
+        legend: the overlay's legend strip (verdict, score, colour bar, numbered regions, rule hits), with the overlay.
         explanation: the explanation row keys (``explanation``, ``report``, ``lvlm``, ``explain_error``) or None.
         error: one line saying why this input failed, or None.
     """
@@ -74,6 +75,7 @@ class InspectionRecord:
     base_result: AnomalyResult | None = None
     image: Image.Image | None = None
     overlay: Image.Image | None = None
+    legend: Image.Image | None = None
     explanation: dict[str, Any] | None = None
     error: str | None = None
     index: int = 0
@@ -132,7 +134,9 @@ class Detector:
         detector: a zero-shot object detector (or its spec) for rules about objects and "% of the part".
         adapter: a learned or imported adapter (bundled name or folder) applied to the scorer.
         explain: explain every result: an :class:`~vlad.explain.rows.ExplainOptions` or a backend spec string.
-        overlays: render each result's overlay into its record.
+        overlays: render each result's overlay and legend into its record.
+        full_res_overlay: draw overlays at the input's size however large; by default an input longer than
+            :data:`vlad.viz.OVERLAY_MAX_SIDE` (2048 px) gets an overlay bounded to that, aspect kept.
         on_warning: called once with each run-level warning (e.g. the language model is unreachable).
         **scorer_kwargs: ``threshold``, ``sensitivity``, ``device``, ``image_size``, ``profile``, ... (see the
             scorer).
@@ -150,6 +154,7 @@ class Detector:
         adapter: str | Path | None = None,
         explain: ExplainOptions | str | None = None,
         overlays: bool = False,
+        full_res_overlay: bool = False,
         on_warning: Callable[[str], None] | None = None,
         **scorer_kwargs: Any,
     ) -> None:
@@ -167,6 +172,7 @@ class Detector:
             apply_adapter(self.scorer, adapter)
         self.object_name = object_name
         self.overlays = overlays
+        self.full_res_overlay = full_res_overlay
         self.references: list[ImageLike] = []
         self._detector = detector
         self._rules: _Rules | None = None
@@ -272,11 +278,17 @@ class Detector:
             )
             result = result.replace(explanation=_explanation(record.explanation))
         record.result = result
-        if self.overlays:
-            from vlad.viz import render_result
-
-            record.overlay = render_result(record.image, result)
+        self._draw(record)
         return record
+
+    def _draw(self, record: InspectionRecord) -> None:
+        """The overlay and its legend into the record, when the detector renders overlays."""
+        if not self.overlays or record.result is None:
+            return
+        from vlad.viz import render_legend, render_result
+
+        record.overlay = render_result(record.image, record.result, full_res=self.full_res_overlay)
+        record.legend = render_legend(record.result, overlay_size=record.overlay.size)
 
     def _apply_rules(self, result: AnomalyResult, image: Image.Image | None, object_name: str) -> AnomalyResult:
         rules = self._rules
@@ -307,10 +319,7 @@ class Detector:
         if record.result is not None and record.result.explanation is not None:
             result = result.replace(explanation=record.result.explanation)
         out.explanation, out.result = record.explanation, result
-        if self.overlays:
-            from vlad.viz import render_result
-
-            out.overlay = render_result(record.image, result)
+        self._draw(out)
         return out
 
     # ------------------------------------------------------------------ the short API
@@ -333,11 +342,12 @@ class Detector:
         return [r.result for r in records]  # type: ignore[misc]
 
     @staticmethod
-    def overlay(result: AnomalyResult, image: ImageLike) -> Image.Image:
-        """The heat map over the image with the predicted regions outlined in red."""
+    def overlay(result: AnomalyResult, image: ImageLike, *, full_res: bool = False) -> Image.Image:
+        """The heat map over the image with the predicted regions outlined in red and numbered as in the report
+        (bounded to 2048 px on the long side unless ``full_res``); :func:`vlad.viz.render_legend` draws its legend."""
         from vlad.viz import render_result
 
-        return render_result(_load(image), result)
+        return render_result(_load(image), result, full_res=full_res)
 
 
 def rethreshold(result: AnomalyResult, sensitivity: float) -> AnomalyResult:

@@ -65,8 +65,22 @@ def test_detect_writes_report_and_overlays(sample_images, tmp_path, capsys):
         assert row["scorer"] == "winclip"
         overlay = Image.open(row["overlay"])
         assert overlay.size == Image.open(row["path"]).size
+        legend = Path(row["overlay"]).with_name(Path(row["overlay"]).name.replace("_overlay.png", "_legend.png"))
+        assert Image.open(legend).width > 0  # the verdict, colour bar and numbered regions, next to the overlay
         assert row["threshold_source"] == "default"
         assert any("random weights" in w for w in row["warnings"])
+
+
+def test_detect_full_res_overlay_flag(tmp_path, capsys):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 2100, 3), dtype=np.uint8)).save(big)
+    out = tmp_path / "out"
+    args = ["detect", str(big), "--object", "bottle", "--backbone", "random:tiny", "--device", "cpu"]
+    assert main([*args, "--out", str(out), "--format", "json"]) == 0
+    assert Image.open(_rows(out)[0]["overlay"]).size == (2048, 683)  # bounded by default
+    assert main([*args, "--out", str(out), "--format", "json", "--full-res-overlay"]) == 0
+    assert Image.open(_rows(out)[0]["overlay"]).size == (2100, 700)
+    capsys.readouterr()
 
 
 def test_detect_with_refs_uses_few_shot_memory(sample_images, tmp_path, capsys):

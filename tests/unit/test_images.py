@@ -167,26 +167,27 @@ def test_mode_1_bilevel(tmp_path: Path) -> None:
     assert (arr[:, 4:] == 255).all()
 
 
-def test_mode_la_composited_on_black(tmp_path: Path) -> None:
+def test_mode_la_composited_on_grey(tmp_path: Path) -> None:
     la = np.zeros((8, 8, 2), dtype=np.uint8)
     la[..., 0] = 200
     la[:, :4, 1] = 255  # opaque left half
     la[:, 4:, 1] = 0  # transparent right half
     arr = _load_array(_save(Image.fromarray(la, "LA"), tmp_path / "la.png"))
     assert (arr[:, :4] == 200).all()
-    assert (arr[:, 4:] == 0).all()
+    assert (arr[:, 4:] == 128).all()  # neutral grey, not black (black paints fake specks)
 
 
-def test_mode_rgba_composited_on_black(tmp_path: Path) -> None:
+def test_mode_rgba_composited_on_grey(tmp_path: Path) -> None:
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[:, :, :3] = (10, 20, 30)
     rgba[:, :4, 3] = 255
-    rgba[:, 4:6, :] = (255, 0, 0, 0)  # fully transparent red -> black
+    rgba[:, 4:6, :] = (255, 0, 0, 0)  # fully transparent red -> mid-grey
     rgba[:, 6:, :] = (200, 100, 50, 128)  # half transparent
     arr = _load_array(_save(Image.fromarray(rgba, "RGBA"), tmp_path / "rgba.png"))
     assert (arr[:, :4] == (10, 20, 30)).all()
-    assert (arr[:, 4:6] == 0).all()
-    np.testing.assert_allclose(arr[0, 7], np.array([200, 100, 50]) * 128 / 255, atol=1.5)
+    assert (arr[:, 4:6] == 128).all()
+    a = 128 / 255
+    np.testing.assert_allclose(arr[0, 7], np.array([200, 100, 50]) * a + 128 * (1 - a), atol=1.5)
 
 
 def test_mode_p_palette(tmp_path: Path) -> None:
@@ -204,7 +205,7 @@ def test_mode_p_with_transparency(tmp_path: Path) -> None:
     im.info["transparency"] = 2
     arr = _load_array(_save(im, tmp_path / "pt.png", transparency=2))
     assert (arr[:, :4] == (10, 200, 30)).all()
-    assert (arr[:, 4:] == 0).all()
+    assert (arr[:, 4:] == 128).all()
 
 
 def test_mode_pa(tmp_path: Path) -> None:
@@ -215,7 +216,7 @@ def test_mode_pa(tmp_path: Path) -> None:
     im.putpalette([0, 0, 0, 10, 200, 30] + [0, 0, 0] * 254)
     arr = _load_array(_save(im, tmp_path / "pa.tif"))
     assert (arr[:, :4] == (10, 200, 30)).all()
-    assert (arr[:, 4:] == 0).all()
+    assert (arr[:, 4:] == 128).all()
 
 
 def test_mode_cmyk(tmp_path: Path) -> None:

@@ -123,3 +123,21 @@ def test_arrays_and_pil_images_are_inputs_too(tiny_backbone, texture_set):
     np.testing.assert_array_equal(a.result.anomaly_map, b.result.anomaly_map)
     (bad,) = det.inspect_many([np.zeros((4, 4, 5), np.uint8)], "texture")
     assert "image arrays must be" in bad.error
+
+
+def test_overlays_are_bounded_unless_full_res_and_come_with_a_legend(tiny_backbone):
+    from vlad.viz import LEGEND_WIDTH
+
+    wide = np.random.default_rng(0).integers(0, 256, (700, 2100, 3), dtype=np.uint8)
+    (record,) = Detector("winclip", backbone=tiny_backbone, overlays=True).inspect_many([wide], "texture")
+    assert record.overlay.size == (2048, 683)  # the long side bounded at 2048 px, the aspect ratio kept
+    assert record.legend.width == LEGEND_WIDTH
+    det = Detector("winclip", backbone=tiny_backbone, overlays=True, full_res_overlay=True)
+    (record,) = det.inspect_many([wide], "texture")
+    assert record.overlay.size == (2100, 700)
+    moved = det.rethreshold(record, 0.9)
+    assert moved.overlay.size == (2100, 700)
+    assert moved.legend is not None
+    (plain,) = Detector("winclip", backbone=tiny_backbone).inspect_many([wide], "texture")
+    assert plain.overlay is None
+    assert plain.legend is None

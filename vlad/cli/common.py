@@ -114,6 +114,7 @@ def build_detector(args: argparse.Namespace, *, explain: Any = None, rules: Any 
         detector=getattr(args, "detector", None),
         explain=explain,
         overlays=not getattr(args, "no_overlay", True),
+        full_res_overlay=getattr(args, "full_res_overlay", False),
         on_warning=warn,
     )
 

@@ -1,4 +1,5 @@
-"""``vlad detect``: score images and folders; a report row for every input, overlays, maps, explanations."""
+"""``vlad detect``: score images and folders; a report row for every input, overlays with their legends, maps,
+explanations."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def _detect_rows(det: Any, files: list[Path], problems: list, args: argparse.Nam
             if record.overlay is not None:
                 overlay_path = out / f"{name}_overlay.png"
                 record.overlay.save(overlay_path)
+            if record.legend is not None:
+                record.legend.save(out / f"{name}_legend.png")
             if getattr(args, "save_maps", False):
                 map_path = save_map(out / "maps" / f"{name}.npy", record.result.anomaly_map)
         keep(record.to_row(settings, overlay_path=overlay_path, map_path=map_path, explain=explain))
@@ -99,7 +102,7 @@ def run_detect(args: argparse.Namespace) -> int:
             print(f"warning: {w}")
         print(f"report: {report}")
         if not args.no_overlay:
-            print(f"overlays: {out}/")
+            print(f"overlays and legends: {out}/")
         if getattr(args, "save_maps", False):
             print(f"anomaly maps: {out / 'maps'}/")
     if failed:
@@ -119,7 +122,12 @@ def register(subparsers: Any) -> dict[str, Any]:
     d.add_argument("--refs", nargs="+", default=None, help="normal reference images or directories (few-shot)")
     d.add_argument("--out", default="vlad-out", help="output directory (overlays and report.jsonl)")
     d.add_argument("--format", choices=["table", "json"], default="table", help="what to print")
-    d.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
+    d.add_argument("--no-overlay", action="store_true", help="do not write overlay and legend images")
+    d.add_argument(
+        "--full-res-overlay",
+        action="store_true",
+        help="draw overlays at the input's size however large (default: the long side bounded at 2048 px)",
+    )
     d.add_argument(
         "--save-maps",
         action="store_true",

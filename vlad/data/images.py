@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from vlad.errors import ConfigError, ImageLoadError
 
 __all__ = [
+    "ALPHA_BACKGROUND",
     "IMAGE_EXTENSIONS",
     "MAX_ASPECT_RATIO",
     "MAX_PIXELS",
@@ -53,6 +54,9 @@ MAX_ASPECT_RATIO = 20.0
 MIN_SIDE = 8
 """Smallest accepted width or height in pixels."""
 
+ALPHA_BACKGROUND: tuple[int, int, int] = (128, 128, 128)
+"""Neutral mid-grey that transparent pixels are composited onto (black would paint fake dark specks and edges)."""
+
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"LA", "La", "RGBA", "RGBa", "PA"})
@@ -62,11 +66,14 @@ def load_image(path: str | Path) -> Image.Image:
     """Load an image file as an 8-bit RGB Pillow image with its EXIF orientation applied.
 
     Mode handling: ``L`` and ``1`` are replicated to three channels; images with alpha (``LA``, ``RGBA``, ``PA`` and
-    ``P`` with a transparent colour) are composited onto a **black** background so transparent pixels are always
-    (0, 0, 0) rather than whatever colour happens to be stored under them; ``CMYK`` and other colour modes go through
-    Pillow's conversion. 16-bit modes (``I;16*``) are scaled by the full 16-bit range (value / 257, so 65535 -> 255
-    and relative brightness is kept across images); 32-bit integer ``I`` images are scaled the same way when all values
-    lie in 0..65535 and min-max normalised otherwise; 32-bit float ``F`` images are min-max normalised to 0..255.
+    ``P`` with a transparent colour) are composited onto a neutral **mid-grey** (:data:`ALPHA_BACKGROUND`, (128, 128,
+    128)) so transparent pixels are always that grey rather than whatever colour happens to be stored under them. Not
+    black: a cut-out part on black gets hard dark edges and black holes that the scorer and the overlay show as fake
+    specks, while mid-grey sits in the middle of the value range and draws no contrast of its own. ``CMYK`` and other
+    colour modes go through Pillow's conversion. 16-bit modes (``I;16*``) are scaled by the full 16-bit range (value /
+    257, so 65535 -> 255 and relative brightness is kept across images); 32-bit integer ``I`` images are scaled the same
+    way when all values lie in 0..65535 and min-max normalised otherwise; 32-bit float ``F`` images are min-max
+    normalised to 0..255.
 
     Args:
         path: Image file.
@@ -348,17 +355,17 @@ def _to_rgb(im: Image.Image, p: Path) -> Image.Image:
     if mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in _ALPHA_MODES:
-        return _composite_on_black(im)
+        return _composite_on_grey(im)
     try:
         return im.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageLoadError(f"unsupported image mode {mode!r}: {p} ({_one_line(exc)})") from None
 
 
-def _composite_on_black(im: Image.Image) -> Image.Image:
-    """Composite an image with alpha onto a black background; returns RGB."""
+def _composite_on_grey(im: Image.Image) -> Image.Image:
+    """Composite an image with alpha onto the :data:`ALPHA_BACKGROUND` grey; returns RGB."""
     rgba = im.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 

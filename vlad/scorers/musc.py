@@ -41,7 +41,7 @@ for other sizes vlad's map is the same bilinear surface sampled at the input's p
 maximum of the ``image_size`` x ``image_size`` map, as in the reference. The preprocessing is the reference's (stretch
 to the square input with PIL bicubic, CLIP mean and std) for every aspect ratio; its ground-truth masks, not its
 images, are resized differently (bilinear), which does not concern scoring. Files go through vlad's loader (EXIF
-orientation, alpha onto black); the reference's ``convert("RGB")`` gives the same pixels for 8-bit RGB and grey files.
+orientation, alpha onto grey); the reference's ``convert("RGB")`` gives the same pixels for 8-bit RGB and grey files.
 
 Beyond the reference, in both profiles: ``fit(references)`` makes references batch members. In the paper profile they
 are ordinary members (scored, min-max normalised and RsCIN-smoothed with the images, as the official code would treat
