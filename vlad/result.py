@@ -39,6 +39,9 @@ class Region:
         position: one of :data:`POSITION_WORDS`, from the centroid on a 3x3 grid.
         source: ``threshold`` (a component of the predicted mask) or ``peak`` (no pixel passed the pixel threshold
             although the image score did: the area around the map's peak, so an anomalous verdict points somewhere).
+        defect_type: what kind of defect the region is, decided once by the rules' concept matching
+            (:func:`vlad.rules.apply_rules`): a rule's concept, or :data:`UNCLASSIFIED` when no concept wins clearly;
+            None when no rule asked. Rule hits, the report and the explanation all read it from here.
     """
 
     bbox: tuple[int, int, int, int]
@@ -49,10 +52,13 @@ class Region:
     centroid: tuple[float, float]
     position: str
     source: str = "threshold"
+    defect_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.source not in REGION_SOURCES:
             raise ValueError(f"Region.source must be one of {REGION_SOURCES}, got {self.source!r}")
+        if self.defect_type is not None and (not isinstance(self.defect_type, str) or not self.defect_type.strip()):
+            raise ValueError(f"Region.defect_type must be None or a non-empty string, got {self.defect_type!r}")
         x0, y0, x1, y1 = self.bbox
         if not (0 <= x0 < x1 and 0 <= y0 < y1):
             raise ValueError(f"Region.bbox must satisfy 0 <= x0 < x1 and 0 <= y0 < y1, got {self.bbox}")
@@ -73,10 +79,13 @@ class Region:
             "centroid": [round(c, 2) for c in self.centroid],
             "position": self.position,
             "source": self.source,
+            "defect_type": self.defect_type,
         }
 
 
 REGION_SOURCES = ("threshold", "peak")
+UNCLASSIFIED = "unclassified"
+"""The defect type of a region no concept names clearly (see :data:`vlad.rules.apply.CONCEPT_MARGIN`)."""
 
 
 @dataclass(frozen=True)

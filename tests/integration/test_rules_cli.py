@@ -19,8 +19,14 @@ TEN = [
         "scratches on the label are acceptable",
         {"kind": "acceptable", "concept": "scratches", "where": {"positions": [], "box": None, "object": "label"}},
     ),
-    ("any missing screw is a defect", {"kind": "defect", "concept": "missing screw", "severity": "major"}),
-    ("a bent pin is critical", {"kind": "defect", "concept": "bent pin", "severity": "critical"}),
+    (
+        "any missing screw is a defect",
+        {"kind": "defect", "concept": "missing screw", "severity": "major", "min_size": None, "unit": None},
+    ),
+    (
+        "a bent pin is critical",
+        {"kind": "defect", "concept": "bent pin", "severity": "critical", "min_size": None, "unit": None},
+    ),
     ("ignore colour variation between batches", {"kind": "ignore_concept", "concept": "colour"}),
     ("focus on cracks", {"kind": "focus_concept", "concept": "cracks"}),
     (
@@ -142,3 +148,67 @@ def test_the_command_runs_on_its_own_without_torch():
     assert out.returncode == 0, out.stderr
     assert 'I understood: "bent pin" is a critical defect' in out.stdout
     assert "HEAVY []" in out.stdout
+
+
+FACTORY_ECHO = [
+    (
+        "ignore anything within 10 pixels of the border",
+        "regions lying within 10 pixels of the image border are ignored",
+    ),
+    (
+        "ignore the edges",
+        "regions lying within a band of 5% of the image's shorter side along the image border are ignored",
+    ),
+    (
+        "holes bigger than 2 % of the image are critical",
+        '"holes" regions of at least 2% of the image are a critical defect',
+    ),
+    ("reject any stain larger than 5 mm", '"stain" regions of at least 5 mm (longest side) are a major defect'),
+    ("don't flag lint", '"lint" is acceptable'),
+    ("ignore specks under 1 %", "regions smaller than 1% of the image are ignored"),
+]
+
+
+@pytest.mark.parametrize(("text", "said"), FACTORY_ECHO, ids=[t for t, _ in FACTORY_ECHO])
+def test_factory_phrasings_echo_through_the_check(text, said, capsys):
+    code, out, _ = run(["rules", "check", text], capsys)
+    assert code == 0, out
+    assert f'I understood: {said}  (from "{text}")' in out
+
+
+def _shown(out: str) -> tuple[int, int, int]:
+    """("I understood" lines, table rows, the N of "N rule(s) understood") of a table output."""
+    lines = out.splitlines()
+    said = sum(line.startswith("I understood: ") for line in lines)
+    rows = 0
+    if "#  kind" in out:
+        start = next(i for i, line in enumerate(lines) if line.startswith("#  kind")) + 2
+        rows = next((i for i, line in enumerate(lines[start:]) if not line.strip()), len(lines) - start)
+    count = int(next(line for line in lines if "rule(s) understood" in line).split()[0])
+    return said, rows, count
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ["ignore colour and lighting"],
+        ["fail only on major defects; fail only on critical defects"],
+        ["fail only on major defects", "only major defects fail"],
+        ["reject any stain larger than 5 mm", "12 pixels per mm", "scratches are fine, dents are critical"],
+        ["ignore the edges", "the moon is made of cheese"],
+    ],
+)
+def test_the_counts_match_what_the_check_shows(texts, capsys):
+    _, out, _ = run(["rules", "check", *texts], capsys)
+    said, rows, count = _shown(out)
+    assert said == rows == count, out
+
+
+def test_the_counts_match_for_a_rules_file_with_a_camera_scale(capsys, tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "rules: [{kind: defect, concept: stain, min_size: 5, unit: mm}]\npx_per_mm: 12\npolicy: {fail_at: major}\n"
+    )
+    code, out, _ = run(["rules", "check", str(tmp_path / "r.yaml")], capsys)
+    assert code == 0, out
+    assert _shown(out) == (3, 3, 3)
+    assert "px_per_mm=12" in out

@@ -234,7 +234,7 @@ def test_best_phrase_is_the_argmax_of_text_patch_similarity(tiny_backbone):
 def test_evidence_with_a_backbone_names_each_region(tiny_backbone):
     result = make_result((128, 128), [(0, 0, 32, 32, 0.9)])
     ev = build_evidence(make_image((128, 128)), result, "bottle", backbone=tiny_backbone, phrases=BANK)
-    assert ev.facts["regions"][0]["phrase"] in phrases_for(BANK, "bottle")
+    assert ev.facts["regions"][0]["defect_type"] in phrases_for(BANK, "bottle")
     ev = build_evidence(make_image((128, 128)), result, "bottle")
-    assert "phrase" not in ev.facts["regions"][0]
+    assert "defect_type" not in ev.facts["regions"][0]
     assert best_phrases(make_image((128, 128)), result, "bottle", tiny_backbone, {"generic": []}) == [None]

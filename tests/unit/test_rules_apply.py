@@ -173,7 +173,8 @@ def test_a_required_object_fails_the_part_when_the_detector_finds_nothing():
 
 # ---------------------------------------------------------------------------------------------------- concepts
 class ColourBackbone:
-    """Crops embed by their dominant colour (red, blue, other); prompts by their words (scratch, dent, other)."""
+    """Crops embed by their dominant colour (red, blue, other); prompts by their words (scratch or lint: red; dent,
+    hole or stain: blue; anything else: other)."""
 
     native_size = 8
 
@@ -186,8 +187,16 @@ class ColourBackbone:
         return SimpleNamespace(global_embedding=emb)
 
     def encode_text(self, prompts):
-        rows = [[1.0, 0, 0] if "scratch" in p else [0, 1.0, 0] if "dent" in p else [0, 0, 1.0] for p in prompts]
+        rows = [[1.0, 0, 0] if self._red(p) else [0, 1.0, 0] if self._blue(p) else [0, 0, 1.0] for p in prompts]
         return torch.tensor(rows)
+
+    @staticmethod
+    def _red(prompt: str) -> bool:
+        return any(w in prompt for w in ("scratch", "lint"))
+
+    @staticmethod
+    def _blue(prompt: str) -> bool:
+        return any(w in prompt for w in ("dent", "hole", "stain"))
 
 
 RED_BOX, BLUE_BOX, GREEN_BOX = (10, 10, 20, 20), (70, 70, 80, 80), (10, 70, 20, 80)
@@ -201,7 +210,7 @@ def test_acceptable_and_defect_concepts_act_on_matching_regions():
     assert [r.bbox for r in after.regions] == [BLUE_BOX, GREEN_BOX]  # the red "scratch" is suppressed
     suppressed = hits_of(after, "region suppressed")[0]
     assert suppressed.rule == "scratches are fine"
-    assert suppressed.detail["concept"] == "scratches"
+    assert suppressed.detail["defect_type"] == "scratches"
     assert suppressed.detail["similarity"]["scratches"] > suppressed.detail["similarity"]["other defect"]
     critical = hits_of(after, "severity critical")[0]
     assert critical.rule == "dents are critical"
@@ -250,7 +259,7 @@ def test_a_concept_size_rule_only_touches_its_concept():
     text = "scratches smaller than 1 % of the image are fine"
     after = apply_rules(planted([red_small, blue_small]), rules(text), image=image, backbone=ColourBackbone())
     assert [r.bbox for r in after.regions] == [blue_small]
-    assert hits_of(after, "region suppressed")[0].detail["concept"] == "scratches"
+    assert hits_of(after, "region suppressed")[0].detail["defect_type"] == "scratches"
 
 
 def test_concept_rules_without_a_backbone_say_they_were_not_evaluated():
@@ -282,16 +291,150 @@ def test_concept_matching_with_the_tiny_clip(tiny_backbone):
     )
     suppressed = hits_of(after, "region suppressed")
     assert len(after.regions) + len(suppressed) == 2
-    assert all(h.detail["concept"] == "scratches" for h in suppressed)
-    for kept in after.meta["region_severities"]:  # the best match decides: dents -> critical, "other" -> default
-        assert kept["concept"] in ("dents", None)
-        assert kept["severity"] == ("critical" if kept["concept"] == "dents" else "major")
+    assert all(h.detail["defect_type"] == "scratches" for h in suppressed)
+    for kept in after.meta["region_severities"]:  # a clear winner names the region: dents -> critical, else default
+        assert kept["defect_type"] in ("dents", "unclassified")
+        assert kept["severity"] == ("critical" if kept["defect_type"] == "dents" else "major")
+        assert (kept["margin"] >= 0.02) == (kept["defect_type"] == "dents")
     assert len(hits_of(after, "severity critical")) == sum(
-        k["concept"] == "dents" for k in after.meta["region_severities"]
+        k["defect_type"] == "dents" for k in after.meta["region_severities"]
     )
+    assert [r.defect_type for r in after.regions] == [k["defect_type"] for k in after.meta["region_severities"]]
 
 
 def test_image_of_another_size_is_rescaled():
     big = np.repeat(np.repeat(IMAGE, 2, axis=0), 2, axis=1)  # 200 x 200 photo, 100 x 100 map
     after = apply_rules(planted([RED_BOX]), rules("scratches are fine"), image=big, backbone=ColourBackbone())
     assert after.regions == ()
+
+
+# ---------------------------------------------------------------------------------------------------- defect types
+NOISE = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+SPECK = (40, 40, 44, 45)  # 20 px: 0.2 % of the image
+
+
+def test_a_near_tie_on_the_tiny_clip_leaves_the_region_unclassified(tiny_backbone):
+    from PIL import Image
+
+    from vlad.rules.apply import _crop
+
+    before = planted([SPECK])
+    after = apply_rules(before, rules("holes are critical"), image=NOISE, backbone=tiny_backbone, object_name="bottle")
+    assert not hits_of(after, "severity critical")  # no critical hole invented from noise
+    from vlad.rules.apply import CONCEPT_MARGIN, UNCLASSIFIED
+
+    crop = _crop(Image.fromarray(NOISE), before.image_size, before.regions[0])
+    (row,) = concept_similarities(tiny_backbone, [crop], ["holes"], "bottle")
+    assert abs(row[0] - row[1]) < CONCEPT_MARGIN  # random weights: "holes" and "other defect" are a near tie
+    (region,) = after.regions
+    assert region.defect_type == UNCLASSIFIED
+    (typed,) = after.meta["region_severities"]
+    assert (typed["defect_type"], typed["severity"], typed["rule"]) == (UNCLASSIFIED, "major", None)
+    assert typed["margin"] < CONCEPT_MARGIN
+    assert after.pred_label is True
+
+
+def test_a_size_rule_naming_no_concept_acts_on_every_region_before_severity():
+    blue_speck = (70, 70, 74, 75)  # 20 px, and CLIP calls it a hole without any doubt
+    image = painted([(blue_speck, BLUE)])
+    text = "ignore specks under 1 %\nholes are critical"
+    after = apply_rules(planted([blue_speck], label=False), rules(text), image=image, backbone=ColourBackbone())
+    assert after.regions == ()
+    (hit,) = hits_of(after, "region suppressed")
+    assert hit.rule == "ignore specks under 1 %"
+    assert not hits_of(after, "severity critical")
+    assert after.pred_label is False
+    big = (40, 40, 70, 70)  # 9 %: the size rule keeps it, the defect rule names it
+    kept = apply_rules(
+        planted([big], label=False), rules(text), image=painted([(big, BLUE)]), backbone=ColourBackbone()
+    )
+    assert [r.defect_type for r in kept.regions] == ["holes"]
+    assert kept.pred_label is True
+
+
+def test_one_defect_type_per_region_in_rule_hits_report_and_explanation(tiny_backbone):
+    from PIL import Image
+
+    from vlad.explain.evidence import build_evidence
+    from vlad.explain.template import explain_text, template_report
+
+    after = apply_rules(planted([BLUE_BOX]), rules("dents are critical"), image=IMAGE, backbone=ColourBackbone())
+    (region,) = after.regions
+    assert region.defect_type == "dents"
+    (hit,) = hits_of(after, "severity critical")
+    assert hit.detail["defect_type"] == "dents"
+    assert after.to_dict()["regions"][0]["defect_type"] == "dents"
+    # the explainer gets a CLIP backbone too (the pipeline passes the scorer's): it must not name the region again
+    facts = build_evidence(Image.fromarray(IMAGE), after, "bottle", backbone=tiny_backbone).facts
+    assert facts["regions"][0]["defect_type"] == "dents"
+    assert "looks like dents" in explain_text(facts)
+    assert template_report(facts).defect_type == "dents"
+    # unclassified stays unclassified everywhere
+    tie = apply_rules(
+        planted([SPECK]), rules("holes are critical"), image=NOISE, backbone=tiny_backbone, object_name="bottle"
+    )
+    facts = build_evidence(Image.fromarray(NOISE), tie, "bottle", backbone=tiny_backbone).facts
+    assert facts["regions"][0]["defect_type"] == "unclassified"
+    assert template_report(facts).defect_type == "unclassified"
+    assert "defect type unclassified" in explain_text(facts)
+    assert tie.to_dict()["regions"][0]["defect_type"] == "unclassified"
+
+
+def test_a_border_band_ignores_regions_lying_in_it():
+    inner, edge, straddling, corner = (40, 40, 50, 50), (0, 30, 8, 40), (2, 60, 30, 70), (92, 92, 100, 100)
+    text = "ignore anything within 10 pixels of the border"
+    after = apply_rules(planted([inner, edge, straddling, corner]), rules(text))
+    assert [r.bbox for r in after.regions] == [inner, straddling]  # a region reaching further in is kept
+    assert [h.detail["bbox"] for h in hits_of(after, "region suppressed")] == [list(edge), list(corner)]
+    assert all(h.rule == text for h in after.rule_hits)
+    thin = (0, 30, 4, 40)  # "the edges": a band of 5 % of the shorter side, 5 px here
+    edges = apply_rules(planted([thin, edge]), rules("ignore the edges"))
+    assert [r.bbox for r in edges.regions] == [edge]
+
+
+def test_size_dependent_severity():
+    big, small = (40, 40, 70, 70), (80, 10, 85, 15)  # 9 % and 0.25 % of the image
+    image = painted([(big, BLUE), (small, BLUE)])
+    text = "holes bigger than 2 % of the image are critical"
+    after = apply_rules(planted([big, small], label=False), rules(text), image=image, backbone=ColourBackbone())
+    severities = {tuple(s["bbox"]): s["severity"] for s in after.meta["region_severities"]}
+    assert severities == {big: "critical", small: "major"}
+    assert [h.detail["bbox"] for h in hits_of(after, "severity critical")] == [list(big)]
+    assert after.pred_label is True
+    assert hits_of(after, "verdict raised")[0].rule == text
+    # naming no concept, a sized severity rule needs no CLIP and applies to every region
+    anything = apply_rules(planted([big, small], label=False), rules("anything larger than 5 % is critical"))
+    assert {tuple(s["bbox"]): s["severity"] for s in anything.meta["region_severities"]} == {
+        big: "critical",
+        small: "major",
+    }
+    assert anything.pred_label is True
+
+
+def test_millimetre_rules_need_px_per_mm():
+    stain = (40, 40, 70, 60)  # 30 x 20 px
+    image = painted([(stain, BLUE)])
+    text = "reject any stain larger than 5 mm"
+    missing = apply_rules(planted([stain], label=False), rules(text), image=image, backbone=ColourBackbone())
+    (hit,) = hits_of(missing, "not applicable")
+    assert hit.rule == text
+    assert "px_per_mm" in hit.detail["reason"]
+    assert not hits_of(missing, "severity major")
+    assert missing.pred_label is False
+    at_4 = apply_rules(  # 30 px at 4 px/mm: 7.5 mm
+        planted([stain], label=False), rules(f"{text}\n4 pixels per mm"), image=image, backbone=ColourBackbone()
+    )
+    assert hits_of(at_4, "severity major")[0].detail["size"] == 7.5
+    assert at_4.pred_label is True
+    at_10 = apply_rules(  # 3 mm
+        planted([stain], label=False), rules(f"{text}\n10 px/mm"), image=image, backbone=ColourBackbone()
+    )
+    assert not hits_of(at_10, "severity major")
+    assert at_10.pred_label is False
+
+
+def test_dont_flag_is_acceptable():
+    after = apply_rules(planted([RED_BOX]), rules("don't flag lint"), image=IMAGE, backbone=ColourBackbone())
+    assert after.regions == ()
+    assert hits_of(after, "region suppressed")[0].detail["defect_type"] == "lint"
+    assert after.pred_label is False

@@ -163,3 +163,17 @@ def test_the_pipeline_applies_configuration_and_result_rules(tiny_backbone, text
     assert result.regions == ()
     assert result.pred_label is False
     assert result.meta["verdict_before_rules"] == "anomalous"
+
+
+def test_the_report_row_shares_one_defect_type_per_region(tiny_backbone, texture_set):
+    scorer = get_scorer("winclip", backbone=tiny_backbone, threshold=0.0)  # every pixel anomalous: one region
+    det = Detector(scorer, rules=rules("holes are critical"), explain="template")
+    (record,) = det.inspect_many([texture_set["bad"]], "bottle")
+    row = record.to_row(det.settings(), explain=True)
+    (region,) = row["regions"]
+    assert region["defect_type"] in ("holes", "unclassified")  # the rules' matching named it, or found no clear winner
+    assert row["report"]["defect_type"] == region["defect_type"]
+    word = "looks like holes" if region["defect_type"] == "holes" else "defect type unclassified"
+    assert word in row["explanation"]
+    severity = [h for h in row["rule_hits"] if h["effect"].startswith("severity")]
+    assert [h["detail"]["defect_type"] for h in severity] == ["holes"] * (region["defect_type"] == "holes")

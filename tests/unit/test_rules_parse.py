@@ -113,6 +113,11 @@ def test_many_rules_at_once_keep_order_and_say_what_was_not_understood():
         ("critical defects are fine", "critical is the highest severity"),
         ("defects bigger than lots matter", "no rule pattern matches"),
         ("regions less than 5 furlongs are fine", "looks like a size rule"),
+        ("ignore scratches within 10 pixels of the border", "holds a size or distance that no rule pattern reads"),
+        ("reject dents near the 5 mm hole", "holds a size or distance"),
+        ("ignore anything within 0 pixels of the border", "size 0 pixels is out of range"),
+        ("reject any stain larger than -5 mm", "size -5 mm is out of range"),
+        ("holes larger than 2 % are fine", "looks like a size rule"),
     ],
 )
 def test_bad_rules_are_reported_with_reasons(text, message):
@@ -257,3 +262,98 @@ def test_fenced_replies_through_the_explainers_openai_client(fake):
     assert report.source.startswith(f"openai:{fake.url}")
     assert RuleSet.model_validate(LLM_RULES) == report.rules
     assert fake.chat_requests()[-1]["response_format"]["json_schema"]["name"] == "rule_set"
+
+
+# ---------------------------------------------------------------------------------------------------- factory phrasings
+FACTORY = [
+    ("ignore specks under 1 %", {"kind": "min_size", "value": 1.0, "unit": "percent_image", "concept": None}),
+    ("ignore anything within 10 pixels of the border", {"kind": "border", "width": 10.0, "unit": "pixels"}),
+    ("ignore everything within 3 % of the image edges", {"kind": "border", "width": 3.0, "unit": "percent_side"}),
+    ("ignore the edges", {"kind": "border", "width": 5.0, "unit": "percent_side"}),
+    ("the border doesn't matter", {"kind": "border", "width": 5.0, "unit": "percent_side"}),
+    ("ignore the left edge", {"kind": "region", "mode": "ignore", "positions": ["left"]}),
+    (
+        "holes bigger than 2 % of the image are critical",
+        {"kind": "defect", "concept": "holes", "severity": "critical", "min_size": 2.0, "unit": "percent_image"},
+    ),
+    (
+        "reject any stain larger than 5 mm",
+        {"kind": "defect", "concept": "stain", "severity": "major", "min_size": 5.0, "unit": "mm"},
+    ),
+    (
+        "anything larger than 5 % is critical",
+        {"kind": "defect", "concept": None, "severity": "critical", "min_size": 5.0, "unit": "percent_image"},
+    ),
+    (
+        "scratches longer than 3 mm are a minor defect",
+        {"kind": "defect", "concept": "scratches", "severity": "minor", "min_size": 3.0, "unit": "mm"},
+    ),
+    ("ignore stains smaller than 0.5 mm", {"kind": "min_size", "value": 0.5, "unit": "mm", "concept": "stains"}),
+    ("don't flag lint", {"kind": "acceptable", "concept": "lint", "where": None}),
+    ("do not reject dust on the lens", {"kind": "acceptable", "concept": "dust", "where": {"object": "lens"}}),
+    ("lint should not be flagged", {"kind": "acceptable", "concept": "lint"}),
+    ("a bent pin is critical", {"kind": "defect", "concept": "bent pin", "min_size": None}),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), FACTORY, ids=[p[0] for p in FACTORY])
+def test_factory_phrasings_parse(text, expected):
+    report = parse_rules(text)
+    assert report.ok, (report.not_understood, report.contradictions)
+    (rule,) = [r.model_dump(mode="json") for r in report.rules.rules]
+    assert _subset(rule, expected), rule
+    assert rule["text"] == text
+    (line,) = report.understood
+    assert line.startswith("I understood: ")
+    assert f'(from "{text}")' in line
+
+
+def test_the_camera_scale_is_a_product_setting():
+    report = parse_rules("reject any stain larger than 5 mm\nthe camera sees 12 pixels per mm")
+    assert report.ok
+    assert report.rules.px_per_mm == 12.0
+    assert report.understood[-1].startswith("I understood: the photos have 12 pixels per millimetre")
+    for text in ("4 px/mm", "scale: 4 pixels per millimetre", "4 pixels per millimeter"):
+        assert parse_rules(text).rules.px_per_mm == 4.0
+    without = parse_rules("reject any stain larger than 5 mm")
+    assert without.ok
+    assert any("px_per_mm" in note for note in without.notes)  # said at once, not only when a part is inspected
+    bad = parse_rules("0 pixels per mm")
+    assert "must be above 0" in bad.not_understood[0]
+
+
+def test_sized_severities_are_not_contradictions():
+    assert parse_rules("holes are minor\nholes bigger than 2 % of the image are critical").ok
+    clash = parse_rules("holes bigger than 2 % are minor\nholes bigger than 2 % are critical")
+    assert len(clash.contradictions) == 1
+    assert not parse_rules("holes are fine\nholes bigger than 2 % are critical").ok  # acceptable would hide them all
+
+
+def test_one_understood_line_per_rule_the_rule_set_keeps():
+    same = parse_rules("fail only on major defects\nonly major defects fail")
+    assert len(same.understood) == 1  # the rule set holds one verdict policy
+    assert '"only major defects fail"' in same.understood[0]
+    assert any('"fail only on major defects"' in n and "replaced" in n for n in same.notes)
+    clash = parse_rules("fail only on major defects\nfail only on critical defects")
+    assert len(clash.understood) == 1
+    assert len(clash.contradictions) == 1
+
+
+def test_a_language_model_reply_with_the_new_kinds_is_said_back_line_for_line(fake):
+    reply = {
+        "rules": [
+            {"kind": "border", "width": 10, "unit": "pixels", "text": "ignore anything within 10 pixels of the border"},
+            {"kind": "defect", "concept": "stain", "min_size": 5, "unit": "mm", "text": "reject stains over 5 mm"},
+        ],
+        "px_per_mm": 12,
+        "px_per_mm_text": "12 pixels per mm",
+    }
+    fake.replies = [json.dumps(reply)]
+    text = "ignore anything within 10 pixels of the border\nreject stains over 5 mm\n12 pixels per mm"
+    report = parse_rules(text, lvlm=f"openai:{fake.url}")
+    assert report.source.startswith("openai:")
+    assert report.ok, report.not_understood
+    assert report.rules.px_per_mm == 12
+    assert len(report.understood) == 3
+    assert report.understood[-1].endswith('(from "12 pixels per mm")')
+    assert "border" in fake.chat_requests()[-1]["messages"][0]["content"]

@@ -149,3 +149,24 @@ def test_json_schema_is_available_for_language_models():
     for kind in ("defect", "acceptable", "ignore_concept", "focus_concept", "min_size", "region", "required_object"):
         assert f'"{kind}"' in text
     assert schema["additionalProperties"] is False
+
+
+def test_the_camera_scale_is_a_product_setting(tmp_path):
+    stain = DefectRule(concept="stain", min_size=5, unit="mm", text="reject any stain larger than 5 mm")
+    assert DefectRule(concept="holes", min_size=2).unit == "percent_image"  # a size without a unit is % of the image
+    profile = ProductProfile(product="bottle", rules=RuleSet(rules=[stain]), px_per_mm=12)
+    path = save_profile(profile, tmp_path / "bottle.yaml")
+    assert load_profile(path) == profile
+    assert load_rules(path).px_per_mm == 12  # --rules bottle.yaml carries the product's scale to the rules
+    assert load_rules(path).rules == [stain]
+    with pytest.raises(ValueError, match="px_per_mm is 12 for the product but 10 in its rules"):
+        ProductProfile(product="bottle", rules=RuleSet(px_per_mm=10), px_per_mm=12)
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="px_per_mm"):
+            RuleSet(px_per_mm=bad)
+    with pytest.raises(ValueError, match="needs a concept, or a min_size"):
+        DefectRule()
+    with pytest.raises(ValueError, match="needs a min_size"):
+        DefectRule(concept="holes", unit="mm")
+    assert "border" in json.dumps(RuleSet.model_json_schema())
+    assert "px_per_mm" in RuleSet.model_json_schema()["properties"]

@@ -89,19 +89,22 @@ def print_report(report: ParseReport, out: TextIO) -> None:
             print(f"\n{title}:", file=out)
             print("\n".join(f"  - {line}" for line in lines), file=out)
     verdict = "all rules understood" if report.ok else "some rules need attention"
-    print(f"\n{len(report.understood)} rule(s) understood; {verdict}.", file=out)
+    print(f"\n{len(rows)} rule(s) understood; {verdict}.", file=out)
 
 
 def rule_rows(ruleset: RuleSet) -> list[list[str]]:
-    """One table row per rule (and one for a non-default verdict policy): number, kind, settings, the user's words."""
+    """One table row per rule, then one for a given verdict policy and one for a camera scale: number, kind,
+    settings, the user's words. Row for row what ``ParseReport.understood`` says."""
     rows = []
     for i, rule in enumerate(ruleset.rules, start=1):
         data = rule.model_dump(mode="json", exclude={"kind", "text"}, exclude_none=True)
         rows.append([str(i), rule.kind, _settings(data), rule.text])
     policy = ruleset.policy
-    if policy.text or policy.fail_at != "minor" or policy.default_severity != "major":
+    if ruleset.shows_policy:
         data = policy.model_dump(mode="json", exclude={"text"})
         rows.append([str(len(rows) + 1), "policy", _settings(data), policy.text])
+    if ruleset.px_per_mm is not None:
+        rows.append([str(len(rows) + 1), "setting", f"px_per_mm={ruleset.px_per_mm:g}", ruleset.px_per_mm_text])
     return rows
 
 

@@ -237,7 +237,8 @@ def build_evidence(
         object_name: the product name, e.g. ``bottle``.
         process_note: optional user-written manufacturing-process text (Triad's CoT-M idea), passed on verbatim.
         references: normal reference photos; the first one is shown (one-shot comparison, as in Triad).
-        backbone: a CLIP backbone; when given, each region gets its best fine-grained defect phrase.
+        backbone: a CLIP backbone; when given, each region the rules gave no defect type gets its best fine-grained
+            defect phrase as its type.
         phrases: a phrase bank in ``prompts/filo.yaml``'s format; default: that file when it exists.
         tile: the model's tile side for Triad's box growing.
         max_rois: at most this many crops.
@@ -255,7 +256,9 @@ def build_evidence(
         raise ConfigError(f"image size {rgb.size} differs from the result's map size {result.image_size}")
     _check_max_side(max_side)
     name = object_name.strip() or "object"
-    region_phrases = best_phrases(rgb, result, name, backbone, phrases) if backbone is not None else None
+    region_phrases = None
+    if backbone is not None and any(r.defect_type is None for r in result.regions):  # the rules' type is final
+        region_phrases = best_phrases(rgb, result, name, backbone, phrases)
     facts = build_facts(result, name, process_note=process_note, region_phrases=region_phrases)
     pictures = [EvidenceImage("image", rgb)]
     if overlay:
@@ -285,7 +288,12 @@ def build_facts(
 
     Keys: ``object, scorer, backbone, verdict, pred_score, normalized_score, threshold, threshold_source,
     image_size, peak (value and position of the map's maximum), regions (index, position, bbox, area, area_fraction,
-    peak_score, mean_score, phrase), total_area_fraction, rule_hits (rule, effect, detail), process_note, warnings``.
+    peak_score, mean_score, source, defect_type), total_area_fraction, rule_hits (rule, effect, detail),
+    process_note, warnings``.
+
+    A region's ``defect_type`` is the one the rules gave it (``Region.defect_type``: a rule's concept or
+    ``unclassified``), so the explanation and the report say what the rule hits say; only a region the rules did not
+    type takes its entry of ``region_phrases`` (FiLo's phrase); without either the key is absent.
     """
     amap = result.anomaly_map
     h, w = amap.shape
@@ -302,8 +310,10 @@ def build_facts(
             "mean_score": round(r.mean_score, 6),
             "source": r.source,
         }
-        if region_phrases is not None and i < len(region_phrases) and region_phrases[i]:
-            entry["phrase"] = region_phrases[i]
+        if r.defect_type is not None:
+            entry["defect_type"] = r.defect_type
+        elif region_phrases is not None and i < len(region_phrases) and region_phrases[i]:
+            entry["defect_type"] = region_phrases[i]
         regions.append(entry)
     note = (process_note or "").strip() or None
     return {

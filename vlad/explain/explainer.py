@@ -81,7 +81,7 @@ def facts_text(facts: dict[str, Any]) -> str:
             percent=100 * r["area_fraction"],
             peak=r["peak_score"],
         )
-        lines.append(line + (f["phrase"].format(phrase=r["phrase"]) if r.get("phrase") else ""))
+        lines.append(line + (f["defect_type"].format(defect_type=r["defect_type"]) if r.get("defect_type") else ""))
     if not facts["regions"]:
         lines.append(f["no_regions"].format(position=facts["peak"]["position"]))
     lines += [f["rule"].format(rule=h["rule"], effect=h["effect"]) for h in facts["rule_hits"]] or [f["no_rules"]]

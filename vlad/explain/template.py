@@ -14,6 +14,7 @@ from typing import Any
 
 from vlad.explain.schema import AnomalyReport
 from vlad.resources import load_prompt_file
+from vlad.result import UNCLASSIFIED
 
 SPEC = "template"
 _INTENT_ORDER = ("verdict", "location", "size", "confidence", "rules", "why")
@@ -75,7 +76,7 @@ def template_report(facts: dict[str, Any]) -> AnomalyReport:
     positions = list(dict.fromkeys(r["position"] for r in regions))[:3] or [facts["peak"]["position"]]
     return AnomalyReport(
         verdict=facts["verdict"],
-        defect_type=(regions[0].get("phrase") or "anomaly")
+        defect_type=(regions[0].get("defect_type") or "anomaly")
         if anomalous and regions
         else ("anomaly" if anomalous else "none"),
         location=", ".join(positions) if anomalous else "none",
@@ -106,6 +107,16 @@ def _noun(n: int, noun: str) -> str:
     return f"One {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def _type_part(defect_type: str | None) -> str:
+    """``, looks like a crack`` / ``, defect type unclassified`` / nothing, after a region's position and size."""
+    t = prompts()["template"]
+    if not defect_type:
+        return ""
+    if defect_type == UNCLASSIFIED:
+        return t["region_unclassified"]
+    return t["region_phrase"].format(phrase=defect_type)
+
+
 def _count(n: int, noun: str) -> str:
     return _noun(n, noun) + (" is" if n == 1 else " are")
 
@@ -120,7 +131,7 @@ def _regions_sentence(facts: dict[str, Any]) -> str:
         return t["peak_region"].format(position=r["position"], percent=100 * r["area_fraction"])
     items = []
     for r in regions[:4]:
-        phrase = t["region_phrase"].format(phrase=r["phrase"]) if r.get("phrase") else ""
+        phrase = _type_part(r.get("defect_type"))
         items.append(
             t["region_item"].format(position=r["position"], percent=100 * r["area_fraction"], phrase_part=phrase)
         )

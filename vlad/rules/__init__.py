@@ -22,6 +22,7 @@ from vlad.rules.parse import ParseReport
 from vlad.rules.schema import (
     AcceptableRule,
     Area,
+    BorderRule,
     DefectRule,
     FocusConceptRule,
     IgnoreConceptRule,
@@ -40,6 +41,7 @@ from vlad.rules.schema import (
 __all__ = [
     "AcceptableRule",
     "Area",
+    "BorderRule",
     "DefectRule",
     "FocusConceptRule",
     "IgnoreConceptRule",

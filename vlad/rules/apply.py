@@ -15,20 +15,27 @@ Before scoring, :func:`configure_scorer`:
   A few-shot scorer's reference features depend on the transform, so a changed transform needs ``references=`` to
   fit them again; changed prompts clear its calibrated thresholds (they are recomputed on the next score).
 
-After scoring, :func:`apply_rules` changes only ``pred_label``, ``pred_mask``, ``regions``, ``rule_hits`` and
-``meta`` (``verdict_before_rules``, ``region_severities``); ``pred_score``, ``normalized_score`` and the anomaly map are
-never changed. In order:
+After scoring, :func:`apply_rules` changes only ``pred_label``, ``pred_mask``, ``regions`` (each remaining region's
+``defect_type``), ``rule_hits`` and ``meta`` (``verdict_before_rules``, ``region_severities``); ``pred_score``,
+``normalized_score`` and the anomaly map are never changed. In order:
 
-1. region rules (only / ignore by area or box) and size rules without a concept suppress regions; a region is inside
-   an area when its centroid is, and a suppressed region's pixels leave ``pred_mask``;
-2. when acceptable, defect or concept size rules exist, each remaining region's crop is compared by CLIP with those
-   concepts and with a generic "other defect" prompt set (``prompts/rules.yaml``); the best match names the region
-   (a concept must beat "other defect" to claim it);
-3. concept size rules, then acceptable rules (with their location: area, or a part found by the detector) suppress
-   regions; defect rules give the regions they name their severity;
+0. rules in millimetres give a ``not applicable`` hit and do nothing when the rule set has no ``px_per_mm``;
+1. region rules (only / ignore by area or box), border rules and size rules without a concept suppress regions,
+   whatever the regions look like; a region is inside an area when its centroid is, in the border band when its
+   whole box is; a suppressed region's pixels leave ``pred_mask``;
+2. when acceptable, defect or size rules naming a concept exist, each remaining region's crop is compared by CLIP
+   with those concepts and with a generic "other defect" prompt set (``prompts/rules.yaml``). The region's defect
+   type is the best concept only when it beats the second-best candidate (another concept or "other defect") by
+   :data:`CONCEPT_MARGIN` in cosine similarity; otherwise it is :data:`~vlad.result.UNCLASSIFIED` and no concept rule
+   acts on it. The type is stored once, on the region (``Region.defect_type``), and every hit, the report and the
+   explainer read it from there;
+3. size rules naming a concept, then acceptable rules (with their location: area, or a part found by the detector)
+   suppress the regions of their type; defect rules give the remaining regions of their type (and, with
+   ``min_size``, of at least that size; a defect rule naming no concept acts on every region of that size) their
+   severity: the highest of those that apply;
 4. required objects are counted with the detector; too few fail the part;
-5. the verdict: when the rules touched any region (or the policy ranks a remaining region below ``fail_at``), the part
-   fails when a remaining region's severity is at least ``fail_at`` -- an unnamed region (severity
+5. the verdict: when the rules touched any region (or the policy ranks a remaining region below ``fail_at``), the
+   part fails when a remaining region's severity is at least ``fail_at`` -- an unnamed region (severity
    ``policy.default_severity``) only counts when the scorer itself judged the image anomalous, so rules raise a
    verdict only by naming a defect or a missing object. Otherwise the scorer's label stands. A failed required-object
    check always fails the part.
@@ -36,14 +43,15 @@ never changed. In order:
 Every change is a :class:`~vlad.result.RuleHit` carrying the user's words. Deviation from a literal reading of
 "% of the part": the part is the detector's best box for the product name that holds the region's centroid (its
 largest-score box otherwise); without a detector, or when it finds nothing, the size is measured against the image and
-a hit says so. torch is imported only inside the CLIP matching.
+a hit says so. A size in ``mm`` is the longer side of the region's box, in ``mm2`` its pixel area, converted with
+``px_per_mm`` (pixels of the photo per millimetre). torch is imported only inside the CLIP matching.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +60,12 @@ from PIL import Image
 from scipy import ndimage
 
 from vlad.errors import ConfigError
-from vlad.result import AnomalyResult, Region, RuleHit
+from vlad.result import UNCLASSIFIED, AnomalyResult, Region, RuleHit
 from vlad.rules.parse import concept_key
 from vlad.rules.schema import (
     AcceptableRule,
     Area,
+    BorderRule,
     DefectRule,
     FocusConceptRule,
     IgnoreConceptRule,
@@ -64,12 +73,21 @@ from vlad.rules.schema import (
     RegionRule,
     RequiredObjectRule,
     RuleSet,
+    in_mm,
     rule_tables,
     severity_rank,
 )
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["CONCEPT_MARGIN", "UNCLASSIFIED", "apply_rules", "concept_similarities", "configure_scorer"]
+
+CONCEPT_MARGIN = 0.02
+"""How much higher (cosine similarity) a region's best concept must score than the second-best candidate (another
+concept or "other defect") to name the region; below it the region is :data:`~vlad.result.UNCLASSIFIED`. CLIP's
+logit scale is 100, so 0.02 means the winner is e^2 ~ 7.4 times as likely as the runner-up in CLIP's own zero-shot
+softmax (88 % of a two-way choice); the ties this guards against (random weights, a crop that shows nothing in
+particular) differ by about 0.001-0.005. See docs/rules.md."""
 _NO_EXTRA_ANOMALOUS: dict[str, str] = {}  # scorers whose abnormal prompts ignore the ensemble's extra states
 _CROP_PAD = 0.5  # each side of a region's box grows by this share of its size before cropping
 _MIN_CROP_FRACTION = 0.125  # crops are at least this share of the image's shorter side
@@ -127,7 +145,7 @@ def _prompt_block(scorer: Any) -> str | None:
 
 
 def _configure_prompts(scorer: Any, ruleset: RuleSet, baseline: _Baseline) -> tuple[list[RuleHit], bool]:
-    rules = ruleset.of_kind(DefectRule, AcceptableRule)
+    rules = [r for r in ruleset.of_kind(DefectRule, AcceptableRule) if r.concept]  # "anything larger than 5 %": none
     ensemble = getattr(scorer, "ensemble", None)
     normal, anomalous = list(baseline.extra_normal), list(baseline.extra_anomalous)
     hits = []
@@ -158,7 +176,7 @@ def prompt_phrase(rule: DefectRule | AcceptableRule) -> str:
         words = [f"in the {p}" for p in rule.where.positions]
         if rule.where.object:
             words.append(f"on the {rule.where.object}")
-    return " ".join(["{} with " + rule.concept, " or ".join(words)]).strip()
+    return " ".join(["{} with " + str(rule.concept), " or ".join(words)]).strip()
 
 
 def _configure_transform(
@@ -242,8 +260,16 @@ class _Finding:
     suppressed_by: str | None = None
     severity: str | None = None
     severity_rule: str | None = None
-    concept: str | None = None
+    defect_type: str | None = None
+    margin: float | None = None
     similarity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def typed(self) -> dict[str, Any]:
+        """The region's defect type and how it was decided, for hit details (empty before concept matching)."""
+        if self.defect_type is None:
+            return {}
+        return {"defect_type": self.defect_type, "margin": self.margin, "similarity": self.similarity}
 
 
 @dataclass
@@ -261,6 +287,16 @@ class _Context:
     def size(self) -> tuple[int, int]:
         """(W, H) of the anomaly map."""
         return self.result.image_size
+
+    @property
+    def mm_per_map_pixel(self) -> tuple[float, float] | None:
+        """Millimetres per map pixel along x and y, or None without ``px_per_mm``. ``px_per_mm`` counts pixels of the
+        photo, which may be larger than the map."""
+        ppm = self.ruleset.px_per_mm
+        if ppm is None:
+            return None
+        photo = self.image.size if self.image is not None else self.size
+        return photo[0] / self.size[0] / ppm, photo[1] / self.size[1] / ppm
 
     def hit(self, rule: Any, effect: str, **detail: Any) -> None:
         self.hits.append(RuleHit(rule.label, effect, detail))
@@ -289,11 +325,11 @@ def apply_rules(
     object_name: str = "object",
     scorer_hits: Sequence[RuleHit] = (),
 ) -> AnomalyResult:
-    """Applies the region, size, concept, required-object and policy rules to a scored result.
+    """Applies the region, border, size, concept, required-object and policy rules to a scored result.
 
     Args:
         result: the scorer's result.
-        ruleset: the rules.
+        ruleset: the rules (and ``px_per_mm``, for rules in millimetres).
         image: the photo the result is about (path, PIL image or uint8 array); needed for concept matching and the
             detector. Its size may differ from the map's; boxes are rescaled.
         backbone: a CLIP backbone (``preprocess``, ``forward_visual``, ``encode_text``) for concept matching.
@@ -306,20 +342,21 @@ def apply_rules(
         a copy of ``result``; see the module docstring for what changes.
     """
     ctx = _Context(result, ruleset, _as_image(image), backbone, detector, object_name.strip() or "object")
-    findings = [_Finding(r) for r in result.regions]
-    _apply_regions(ctx, findings)
-    _apply_sizes(ctx, findings, with_concept=False)
+    findings = [_Finding(r, defect_type=r.defect_type) for r in result.regions]
+    skipped = _unmeasurable(ctx)
+    _apply_regions(ctx, findings, skipped)
+    _apply_sizes(ctx, findings, skipped, with_concept=False)
     if _concept_rules(ruleset) and any(f.kept for f in findings):
         _match_concepts(ctx, findings)
-    _apply_sizes(ctx, findings, with_concept=True)
+    _apply_sizes(ctx, findings, skipped, with_concept=True)
     _apply_acceptable(ctx, findings)
-    _apply_defects(ctx, findings)
+    _apply_defects(ctx, findings, skipped)
     required_failed = _check_required(ctx)
     label = _verdict(ctx, findings, required_failed)
     return result.replace(
         pred_label=label,
         pred_mask=_remove_suppressed(result.pred_mask, [f.region for f in findings if not f.kept]),
-        regions=tuple(f.region for f in findings if f.kept),
+        regions=tuple(replace(f.region, defect_type=f.defect_type) for f in findings if f.kept),
         rule_hits=(*result.rule_hits, *scorer_hits, *ctx.hits),
         meta={**result.meta, "verdict_before_rules": result.verdict, "region_severities": _severities(ctx, findings)},
     )
@@ -337,9 +374,26 @@ def _as_image(image: Any) -> Image.Image | None:
     raise ConfigError(f"image must be a path, a PIL image or a uint8 array, got {type(image).__name__}")
 
 
+def _unmeasurable(ctx: _Context) -> set[int]:
+    """The ids of the rules in millimetres when there is no ``px_per_mm``; each gets a ``not applicable`` hit."""
+    if ctx.ruleset.px_per_mm is not None:
+        return set()
+    out = set()
+    for rule in ctx.ruleset.rules:
+        if in_mm(rule):
+            out.add(id(rule))
+            ctx.hit(
+                rule,
+                "not applicable",
+                reason="the rule is in millimetres and the camera's scale is unknown; give px_per_mm (pixels per "
+                "millimetre) in the product profile or rules file, or write e.g. '12 pixels per mm'",
+            )
+    return out
+
+
 def _concept_rules(ruleset: RuleSet) -> list[Any]:
     sized = [r for r in ruleset.of_kind(MinSizeRule) if r.concept]
-    return [*ruleset.of_kind(AcceptableRule, DefectRule), *sized]
+    return [r for r in ruleset.of_kind(AcceptableRule, DefectRule) if r.concept] + sized
 
 
 def _suppress(ctx: _Context, finding: _Finding, rule: Any, **detail: Any) -> None:
@@ -362,8 +416,17 @@ def _centroid_in(region: Region, boxes: list[tuple[float, ...]], size: tuple[int
     return any(x0 <= x < x1 + (x1 >= 1) and y0 <= y < y1 + (y1 >= 1) for x0, y0, x1, y1 in boxes)
 
 
-def _apply_regions(ctx: _Context, findings: list[_Finding]) -> None:
-    for rule in ctx.ruleset.of_kind(RegionRule):
+def _apply_regions(ctx: _Context, findings: list[_Finding], skipped: set[int]) -> None:
+    for rule in ctx.ruleset.of_kind(RegionRule, BorderRule):
+        if id(rule) in skipped:
+            continue
+        if isinstance(rule, BorderRule):
+            band = _band(ctx, rule)
+            reason = f"inside the border band ({band[0]:.4g} x {band[1]:.4g} pixels)"
+            for f in findings:
+                if f.kept and _in_band(f.region, band, ctx.size):
+                    _suppress(ctx, f, rule, reason=reason)
+            continue
         boxes = rule.area.boxes()
         for f in findings:
             if f.kept and _centroid_in(f.region, boxes, ctx.size) != (rule.mode == "only"):
@@ -371,35 +434,61 @@ def _apply_regions(ctx: _Context, findings: list[_Finding]) -> None:
                 _suppress(ctx, f, rule, reason=f"centroid {where} {rule.area.describe().removeprefix('in ')}")
 
 
-def _apply_sizes(ctx: _Context, findings: list[_Finding], *, with_concept: bool) -> None:
+def _band(ctx: _Context, rule: BorderRule) -> tuple[float, float]:
+    """The border band's width in map pixels along x and y."""
+    if rule.unit == "pixels":
+        return rule.width, rule.width
+    if rule.unit == "percent_side":
+        side = rule.width / 100 * min(ctx.size)
+        return side, side
+    mm = ctx.mm_per_map_pixel
+    assert mm is not None  # rules in mm without px_per_mm are skipped
+    return rule.width / mm[0], rule.width / mm[1]
+
+
+def _in_band(region: Region, band: tuple[float, float], size: tuple[int, int]) -> bool:
+    """True when the region's whole box lies within the band along one side of the image."""
+    x0, y0, x1, y1 = region.bbox
+    bx, by = band
+    return x1 <= bx or y1 <= by or x0 >= size[0] - bx or y0 >= size[1] - by
+
+
+def _apply_sizes(ctx: _Context, findings: list[_Finding], skipped: set[int], *, with_concept: bool) -> None:
     for rule in ctx.ruleset.of_kind(MinSizeRule):
-        if bool(rule.concept) != with_concept:
+        if bool(rule.concept) != with_concept or id(rule) in skipped:
             continue
         for f in findings:
             if not f.kept or (rule.concept and not _names(f, rule.concept)):
                 continue
-            size, measured = _region_size(ctx, rule, f.region)
+            size, measured = _region_size(ctx, rule, rule.unit, f.region)
             if size < rule.value:
-                _suppress(ctx, f, rule, size=round(size, 4), unit=measured, limit=rule.value, concept=f.concept)
+                _suppress(ctx, f, rule, size=round(size, 4), unit=measured, limit=rule.value, **f.typed)
 
 
 def _names(finding: _Finding, concept: str) -> bool:
-    """True when concept matching named the finding with ``concept`` (plural and articles do not matter)."""
-    return finding.concept is not None and concept_key(finding.concept) == concept_key(concept)
+    """True when concept matching gave the finding the type ``concept`` (plural and articles do not matter)."""
+    return finding.defect_type not in (None, UNCLASSIFIED) and concept_key(finding.defect_type) == concept_key(concept)
 
 
-def _region_size(ctx: _Context, rule: MinSizeRule, region: Region) -> tuple[float, str]:
-    """The region's size in the rule's unit (or % of the image when the part cannot be found) and that unit."""
-    if rule.unit == "pixels":
+def _region_size(ctx: _Context, rule: Any, unit: str, region: Region) -> tuple[float, str]:
+    """The region's size in ``unit`` (or % of the image when the part cannot be found) and the unit measured."""
+    if unit == "pixels":
         return float(region.area), "pixels"
-    if rule.unit == "percent_object":
+    if unit in ("mm", "mm2"):
+        mm = ctx.mm_per_map_pixel
+        assert mm is not None  # rules in mm without px_per_mm are skipped
+        if unit == "mm2":
+            return region.area * mm[0] * mm[1], "mm2"
+        x0, y0, x1, y1 = region.bbox
+        return max((x1 - x0) * mm[0], (y1 - y0) * mm[1]), "mm"
+    if unit == "percent_object":
         box = _object_box(ctx, rule, region)
         if box is not None:
             return 100.0 * region.area / max((box[2] - box[0]) * (box[3] - box[1]), 1e-9), "percent_object"
     return 100.0 * region.area_fraction, "percent_image"
 
 
-def _object_box(ctx: _Context, rule: MinSizeRule, region: Region) -> tuple[float, ...] | None:
+def _object_box(ctx: _Context, rule: Any, region: Region) -> tuple[float, ...] | None:
     boxes = ctx.boxes(ctx.object_name)
     if not boxes:
         why = "no detector was given" if boxes is None else f"the detector found no {ctx.object_name!r}"
@@ -413,7 +502,8 @@ def _object_box(ctx: _Context, rule: MinSizeRule, region: Region) -> tuple[float
 
 # ---------------------------------------------------------------------------------------------------- concepts
 def _match_concepts(ctx: _Context, findings: list[_Finding]) -> None:
-    """Names each kept region with the concept its crop matches best (or None for "other defect")."""
+    """Gives each kept region its defect type: the concept its crop matches best by at least :data:`CONCEPT_MARGIN`
+    over the runner-up, else :data:`UNCLASSIFIED` (also when "other defect" matches best)."""
     rules = _concept_rules(ctx.ruleset)
     bb = ctx.backbone
     if ctx.image is None or not all(hasattr(bb, a) for a in ("preprocess", "forward_visual", "encode_text")):
@@ -426,9 +516,22 @@ def _match_concepts(ctx: _Context, findings: list[_Finding]) -> None:
     crops = [_crop(ctx.image, ctx.size, f.region) for f in kept]
     sims = concept_similarities(bb, crops, concepts, ctx.object_name)
     for f, row in zip(kept, sims, strict=True):
-        best = int(np.argmax(row))
-        f.concept = concepts[best] if best < len(concepts) else None
+        f.defect_type, f.margin = classify(row, concepts)
         f.similarity = {c: round(float(s), 4) for c, s in zip([*concepts, "other defect"], row, strict=True)}
+
+
+def classify(similarities: Sequence[float], concepts: Sequence[str]) -> tuple[str, float]:
+    """``(defect type, margin)`` of one region from its similarities with ``concepts`` and, last, "other defect".
+
+    The type is the best concept when it leads the runner-up by at least :data:`CONCEPT_MARGIN`, else
+    :data:`UNCLASSIFIED`; the margin is the best similarity minus the second best (rounded to 4 places).
+    """
+    row = np.asarray(similarities, dtype=np.float64)
+    order = np.argsort(-row, kind="stable")
+    margin = float(row[order[0]] - row[order[1]]) if len(row) > 1 else float("inf")
+    best = int(order[0])
+    named = best < len(concepts) and margin >= CONCEPT_MARGIN
+    return (concepts[best] if named else UNCLASSIFIED), round(margin, 4)
 
 
 def _crop(image: Image.Image, map_size: tuple[int, int], region: Region) -> Image.Image:
@@ -491,21 +594,31 @@ def _apply_acceptable(ctx: _Context, findings: list[_Finding]) -> None:
             ok, note = _location_ok(ctx, rule.where, f.region)
             if ok:
                 extra = {"note": note} if note else {}
-                _suppress(ctx, f, rule, concept=f.concept, similarity=f.similarity, **extra)
+                _suppress(ctx, f, rule, **f.typed, **extra)
 
 
-def _apply_defects(ctx: _Context, findings: list[_Finding]) -> None:
-    for rule in ctx.ruleset.of_kind(DefectRule):
-        for f in findings:
-            if f.kept and _names(f, rule.concept):
-                f.severity, f.severity_rule = rule.severity, rule.label
-                ctx.hit(
-                    rule,
-                    f"severity {rule.severity}",
-                    **_region_detail(f.region),
-                    concept=f.concept,
-                    similarity=f.similarity,
-                )
+def _apply_defects(ctx: _Context, findings: list[_Finding], skipped: set[int]) -> None:
+    """Each remaining region gets the highest severity of the defect rules that name it (its type, and its size)."""
+    rules = [r for r in ctx.ruleset.of_kind(DefectRule) if id(r) not in skipped]
+    for f in findings:
+        if not f.kept:
+            continue
+        best: tuple[DefectRule, dict[str, Any]] | None = None
+        for rule in rules:
+            if rule.concept is not None and not _names(f, rule.concept):
+                continue
+            sized: dict[str, Any] = {}
+            if rule.min_size is not None:
+                size, measured = _region_size(ctx, rule, rule.unit or "percent_image", f.region)
+                if size < rule.min_size:
+                    continue
+                sized = {"size": round(size, 4), "unit": measured, "min_size": rule.min_size}
+            if best is None or severity_rank(rule.severity) > severity_rank(best[0].severity):
+                best = rule, sized
+        if best is not None:
+            rule, sized = best
+            f.severity, f.severity_rule = rule.severity, rule.label
+            ctx.hit(rule, f"severity {rule.severity}", **_region_detail(f.region), **f.typed, **sized)
 
 
 # ---------------------------------------------------------------------------------------------------- verdict
@@ -561,7 +674,13 @@ def _verdict(ctx: _Context, findings: list[_Finding], required_failed: list[str]
 def _severities(ctx: _Context, findings: list[_Finding]) -> list[dict[str, Any]]:
     default = ctx.ruleset.policy.default_severity
     return [
-        {"bbox": list(f.region.bbox), "severity": f.severity or default, "concept": f.concept, "rule": f.severity_rule}
+        {
+            "bbox": list(f.region.bbox),
+            "severity": f.severity or default,
+            "defect_type": f.defect_type,
+            "margin": f.margin,
+            "rule": f.severity_rule,
+        }
         for f in findings
         if f.kept
     ]

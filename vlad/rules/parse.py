@@ -4,13 +4,17 @@ The deterministic parser splits the text into clauses (lines, ``;``, sentences) 
 patterns, tried in this order:
 
 ====================  ==========================================================================================
+camera scale          "12 pixels per mm", "the camera sees 12 px/mm" (sets the rule set's ``px_per_mm``)
 verdict policy        "fail only on major defects", "only critical defects fail", "minor defects are fine"
 required object       "a screw must be present", "there must be 2 screws", "each part must have two screws"
+border band           "ignore anything within 10 pixels of the border", "ignore the edges"
+sized defect          "holes bigger than 2 % of the image are critical", "reject any stain larger than 5 mm"
 minimum size          "dents smaller than 1 % of the part are fine", "ignore anything under 50 pixels"
 region                "only the upper half matters", "ignore the top left corner", "ignore box 0.1,0.1,0.4,0.3"
 LAFT concept          "ignore colour (variation between batches)", "focus on cracks"
 defect                "a missing screw is always a defect", "a bent pin is critical", "reject cracked caps"
-acceptable            "scratches on the label are fine", "X is acceptable", "ignore dust on the lens"
+acceptable            "scratches on the label are fine", "X is acceptable", "ignore dust on the lens",
+                      "don't flag lint"
 ====================  ==========================================================================================
 
 The phrase tables (synonyms, severity words, position words) are in ``prompts/rules.yaml``. A clause that no pattern
@@ -31,8 +35,10 @@ from pydantic import ValidationError
 
 from vlad.errors import ConfigError
 from vlad.rules.schema import (
+    DEFAULT_BORDER_PERCENT,
     AcceptableRule,
     Area,
+    BorderRule,
     DefectRule,
     FocusConceptRule,
     IgnoreConceptRule,
@@ -44,7 +50,9 @@ from vlad.rules.schema import (
     area_names,
     canonical_area,
     check_box,
+    check_px_per_mm,
     check_size,
+    in_mm,
     laft_aliases,
     normalise_words,
     rule_tables,
@@ -64,13 +72,22 @@ class NotUnderstood(Exception):
     """A clause the parser recognised the shape of, but whose content is wrong (the message says what)."""
 
 
+@dataclass(frozen=True)
+class CameraScale:
+    """A clause that sets the rule set's ``px_per_mm`` ("12 pixels per mm")."""
+
+    px_per_mm: float
+    text: str
+
+
 @dataclass
 class ParseReport:
     """What the parser made of the user's words.
 
     Attributes:
         rules: the structured rules (those understood).
-        understood: one ``I understood: ...`` line per rule (and one for the verdict policy when given).
+        understood: one ``I understood: ...`` line per rule of ``rules``, then one for its verdict policy when it is
+            given, then one for its camera scale when it is given: one line per row of ``vlad rules check``'s table.
         not_understood: one line per clause that gave no rule, quoting it and saying why.
         contradictions: one line per contradiction, naming both rules' texts.
         notes: how the text was parsed (e.g. the language model's reply was invalid and the deterministic parser was
@@ -106,6 +123,7 @@ def parse_deterministic(text: str) -> ParseReport:
     """The deterministic parser (see the module docstring)."""
     rules: list[Any] = []
     policies: list[VerdictPolicy] = []
+    scales: list[CameraScale] = []
     not_understood: list[str] = []
     for clause in split_clauses(text):
         try:
@@ -114,20 +132,73 @@ def parse_deterministic(text: str) -> ParseReport:
             not_understood.append(f"{clause!r}: {exc}")
             continue
         for item in found:
-            (policies if isinstance(item, VerdictPolicy) else rules).append(item)
-    return build_report(rules, policies, not_understood, source="deterministic")
+            if isinstance(item, VerdictPolicy):
+                policies.append(item)
+            elif isinstance(item, CameraScale):
+                scales.append(item)
+            else:
+                rules.append(item)
+    return build_report(rules, policies, not_understood, source="deterministic", scales=scales)
 
 
 def build_report(
-    rules: list[Any], policies: list[VerdictPolicy], not_understood: list[str], *, source: str
+    rules: list[Any],
+    policies: list[VerdictPolicy],
+    not_understood: list[str],
+    *,
+    source: str,
+    scales: list[CameraScale] | tuple[CameraScale, ...] = (),
 ) -> ParseReport:
-    """Assembles the :class:`ParseReport`: the rule set, the understood lines and the contradictions."""
+    """Assembles the :class:`ParseReport`: the rule set, the understood lines, the contradictions and notes.
+
+    The rule set holds one verdict policy and one camera scale: the last of each. An earlier one is named in the
+    notes (and in the contradictions when it differs), so the understood lines are exactly what the rule set holds.
+    """
     contradictions = find_contradictions(rules, policies)
-    policy = policies[-1] if policies else VerdictPolicy()
-    ruleset = RuleSet(rules=rules, policy=policy)
-    understood = [understood_line(r.text, r.describe()) for r in rules]
-    understood += [understood_line(p.text, p.describe()) for p in policies]
-    return ParseReport(ruleset, understood, not_understood, contradictions, [], source)
+    notes: list[str] = []
+    for earlier in policies[:-1]:
+        notes.append(f"{_quote(earlier)} is replaced by the later verdict policy {_quote(policies[-1])}")
+    for earlier in scales[:-1]:
+        line = f'"{earlier.text}" is replaced by the later camera scale "{scales[-1].text}"'
+        if earlier.px_per_mm != scales[-1].px_per_mm:
+            contradictions.append(
+                f'"{earlier.text}" contradicts "{scales[-1].text}": the photos cannot have both '
+                f"{earlier.px_per_mm:g} and {scales[-1].px_per_mm:g} pixels per millimetre"
+            )
+        notes.append(line)
+    scale = scales[-1] if scales else None
+    ruleset = RuleSet(
+        rules=rules,
+        policy=policies[-1] if policies else VerdictPolicy(),
+        px_per_mm=None if scale is None else scale.px_per_mm,
+        px_per_mm_text="" if scale is None else scale.text,
+    )
+    report = ParseReport(ruleset, understood_lines(ruleset), not_understood, contradictions, notes, source)
+    report.notes += scale_notes(ruleset)
+    return report
+
+
+def understood_lines(ruleset: RuleSet) -> list[str]:
+    """One ``I understood:`` line per rule, then the policy's and the camera scale's when given (the rows of the
+    ``vlad rules check`` table, in its order)."""
+    lines = [understood_line(r.text, r.describe()) for r in ruleset.rules]
+    if ruleset.shows_policy:
+        lines.append(understood_line(ruleset.policy.text, ruleset.policy.describe()))
+    if ruleset.px_per_mm is not None:
+        lines.append(understood_line(ruleset.px_per_mm_text, ruleset.describe_scale()))
+    return lines
+
+
+def scale_notes(ruleset: RuleSet) -> list[str]:
+    """A note per rule in millimetres when the rule set has no ``px_per_mm`` (such rules are not applicable)."""
+    if ruleset.px_per_mm is not None:
+        return []
+    return [
+        f"{_quote(r)} is in millimetres: it acts only with the camera's scale; give px_per_mm in the product profile "
+        "or rules file, or write e.g. '12 pixels per mm'"
+        for r in ruleset.rules
+        if in_mm(r)
+    ]
 
 
 def understood_line(text: str, description: str) -> str:
@@ -185,6 +256,10 @@ def _normalise(clause: str) -> str:
     text = normalise_words(clause).replace("’", "'")
     text = re.sub(r"(\d)\s*%", r"\1 percent", text)
     text = re.sub(r"\bper cent\b", "percent", text)
+    text = re.sub(r"(\d)(?=mm|px|pixel|millimet)", r"\1 ", text)
+    text = re.sub(r"\b(?:square (?:millimet(?:re|er)s?|mm)|sq\.? ?mm|mm\^?2|mm²)", "mm2", text)
+    text = re.sub(r"\bmillimet(?:re|er)s?\b", "mm", text)
+    text = re.sub(r"\b(pixels?|px) ?/ ?mm\b", r"\1 per mm", text)
     text = re.sub(r"[()\"]", " ", text)
     return " ".join(text.split()).strip(" ,:")
 
@@ -228,9 +303,15 @@ def _strip_articles(text: str) -> str:
 
 
 def _check_subject(subject: str) -> str:
-    """Articles removed; a subject holding a comma, or a verb before an "and", is more than one rule."""
+    """Articles removed; a subject holding a comma, or a verb before an "and", is more than one rule; one holding a
+    measure ("10 pixels") is a size or distance no pattern read, never a kind of defect."""
     if re.search(r",| (?:is|are|must|should) .*\band ", subject):
         raise NotUnderstood("this holds more than one rule; put each rule on its own line or after a ';'")
+    if re.search(rf"(?:^|\s){_NUM} ?(?:percent|pixels?|px|mm2?)\b", subject):
+        raise NotUnderstood(
+            "this holds a size or distance that no rule pattern reads; write e.g. 'ignore anything within 10 pixels "
+            "of the border', 'dents smaller than 1 % are fine' or 'holes bigger than 2 % of the image are critical'"
+        )
     return _strip_articles(subject)
 
 
@@ -280,6 +361,20 @@ def _read_policy(norm: str, text: str) -> list[Any] | None:
     return None
 
 
+def _read_scale(norm: str, text: str) -> list[Any] | None:
+    who = r"(?:the )?(?:camera|photos?|images?|pictures?|scale|resolution|image scale|camera scale|optics)"
+    verb = r"(?: (?:is|are|sees|see|has|have|gives|give|shows|show|of))?"
+    m = re.match(rf"^(?:{who}{verb}:? )?(?P<num>{_NUM}) (?:pixels?|px) (?:per|a|an|each|every) mm$", norm)
+    if not m:
+        return None
+    try:
+        value = check_px_per_mm(float(m.group("num")))
+    except ValueError as exc:
+        raise NotUnderstood(str(exc)) from None
+    assert value is not None
+    return [CameraScale(value, text)]
+
+
 def _read_required(norm: str, text: str) -> list[Any] | None:
     count = _count_alt()
     end = r"(?: present| there| visible| in place| in the image| on the part| installed| fitted| mounted)?"
@@ -306,10 +401,71 @@ def _read_required(norm: str, text: str) -> list[Any] | None:
 
 _SIZE_HINT = (
     "looks like a size rule; write e.g. 'defects smaller than 2 % of the image are fine', "
-    "'dents smaller than 1 % of the part are fine' or 'ignore anything under 50 pixels'"
+    "'dents smaller than 1 % of the part are fine', 'ignore anything under 50 pixels', "
+    "'holes bigger than 2 % of the image are critical' or 'reject any stain larger than 5 mm'"
 )
 _SMALLER = r"(?:smaller than|less than|under|below|beneath|up to|no larger than|not larger than|no bigger than|at most)"
-_UNIT = r"(?P<unit>percent|pixels?|px)"
+_LARGER = r"(?:larger than|bigger than|greater than|longer than|wider than|more than|over|above|exceeding|at least)"
+_UNIT = r"(?P<unit>percent|pixels?|px|mm2|mm)"
+_BAND = r"(?:image |picture |photo |outer )?(?:borders?|edges?|margins?)(?: of the (?:image|picture|photo))?"
+_BAND_UNITS = {"pixel": "pixels", "pixels": "pixels", "px": "pixels", "percent": "percent_side", "mm": "mm"}
+
+
+def _read_border(norm: str, text: str) -> list[Any] | None:
+    ignore = _alt(_words("ignore_verbs"))
+    things = (
+        r"(?:(?:anything|everything|all|defects|anomalies|regions|findings|any defects?|any regions?|all defects|"
+        r"all regions) )?(?:that (?:is|are|lies|lie) )?"
+    )
+    unit = r"(?P<unit>pixels?|px|percent|mm)"
+    sized = [
+        rf"^{ignore} {things}(?:within|less than|closer than|inside|up to|under) (?P<num>{_NUM}) {unit} "
+        rf"(?:of|from|to) (?:the )?{_BAND}$",
+        rf"^{ignore} (?:the |an? )?(?:outer(?:most)? )?(?P<num>{_NUM}) {unit}(?: wide)?"
+        rf"(?: {_BAND}| (?:at|along|around|near) (?:the )?{_BAND})$",
+        rf"^{ignore} (?:the )?outer(?:most)? (?P<num>{_NUM}) {unit}$",
+    ]
+    for pattern in sized:
+        m = re.match(pattern, norm)
+        if m:
+            width, unit_name = float(m.group("num")), _BAND_UNITS[m.group("unit")]
+            try:
+                check_size(width, unit_name)
+            except ValueError as exc:
+                raise NotUnderstood(str(exc)) from None
+            return [BorderRule(width=width, unit=unit_name, text=text)]
+    plain = [
+        rf"^{ignore} {things}(?:(?:at|along|around|near|on) )?(?:the |all )?{_BAND}$",
+        rf"^(?:the )?{_BAND} (?:doesn't matter|does not matter|don't matter|do not matter|is irrelevant|"
+        r"are irrelevant|can be ignored|are not inspected|is not inspected)$",
+    ]
+    if any(re.match(pattern, norm) for pattern in plain):
+        return [BorderRule(width=DEFAULT_BORDER_PERCENT, unit="percent_side", text=text)]
+    return None
+
+
+def _read_sized_defect(norm: str, text: str) -> list[Any] | None:
+    sev = _sev_alt()
+    adverbs = r"(?:(?:always|also|definitely|still|considered|treated as|to be treated as|counted as|counts as) )*"
+    of = r"(?: of (?:the |an? )?(?P<of>[a-z ]+?))?"
+    size = rf"{_LARGER}(?: an area of)? (?P<num>{_NUM}) {_UNIT}{of}(?: in (?:size|area|length|diameter))?"
+    subject = r"(?P<subj>.+? )?(?:that (?:is|are) |which (?:is|are) )?"
+    patterns = [
+        rf"^{subject}{size} (?:is|are|counts as|count as) {adverbs}(?:an? )?(?:(?P<sev>{sev}) )?"
+        rf"{_alt(_words('defect_nouns'))}$",
+        rf"^{subject}{size} (?:is|are) {adverbs}(?P<sev>{sev})$",
+        rf"^{subject}{size} (?:is|are) {adverbs}{_alt(_words('defect_words'))}$",
+        rf"^{_alt(_words('defect_verbs'))} (?:parts? with |anything with |any )?{subject}{size}$",
+        rf"^{subject}{size} (?:must|should) {adverbs}(?:be )?(?:rejected|flagged|fail|failed)$",
+    ]
+    for pattern in patterns:
+        m = re.match(pattern, norm)
+        if m:
+            value, unit = _size_of(m)
+            concept = _size_subject(m)
+            severity = _severity_of(m.group("sev")) if m.groupdict().get("sev") else "major"
+            return [DefectRule(concept=concept, severity=severity, min_size=value, unit=unit, text=text)]
+    return None
 
 
 def _read_size(norm: str, text: str) -> list[Any] | None:
@@ -333,10 +489,18 @@ def _read_size(norm: str, text: str) -> list[Any] | None:
 
 
 def _size_rule(m: re.Match[str], text: str) -> MinSizeRule:
+    value, unit = _size_of(m)
+    return MinSizeRule(value=value, unit=unit, concept=_size_subject(m), text=text)
+
+
+def _size_of(m: re.Match[str]) -> tuple[float, str]:
+    """The size and its unit of a size pattern's match (``num``, ``unit`` and ``of`` groups)."""
     value = float(m.group("num"))
     of = (m.group("of") or "").strip()
     if m.group("unit") in ("pixel", "pixels", "px"):
         unit = "pixels"
+    elif m.group("unit") in ("mm", "mm2"):
+        unit = m.group("unit")
     elif not of or of in _words("image_words"):
         unit = "percent_image"
     else:
@@ -345,9 +509,15 @@ def _size_rule(m: re.Match[str], text: str) -> MinSizeRule:
         check_size(value, unit)
     except ValueError as exc:
         raise NotUnderstood(str(exc)) from None
+    return value, unit
+
+
+def _size_subject(m: re.Match[str]) -> str | None:
+    """The concept a size rule names, or None for words that mean any region ("defects", "anything", "specks")."""
     subject = _check_subject((m.group("subj") or "").strip())
-    concept = None if not subject or _is_generic(subject) else _strip_articles(subject)
-    return MinSizeRule(value=value, unit=unit, concept=concept or None, text=text)
+    if not subject or _is_generic(subject) or subject in _words("size_subjects"):
+        return None
+    return _strip_articles(subject) or None
 
 
 def parse_areas(words: str) -> list[str]:
@@ -492,6 +662,8 @@ def _read_acceptable(norm: str, text: str) -> list[Any] | None:
         rf"^{_alt(_words('acceptable_verbs'))} (?P<subj>.+)$",
         rf"^(?P<subj>.+?) {_alt(_words('acceptable_suffixes'))}$",
         r"^(?:it is |it's )?(?:fine|ok|okay|acceptable) (?:if there (?:is|are)|to have) (?P<subj>.+)$",
+        r"^(?P<subj>.+?) (?:must|should|need|needs to|shall) (?:not|never) (?:be )?(?:flagged|rejected|failed|"
+        r"reported)$",
         rf"^{_alt(_words('ignore_verbs'))} (?P<subj>.+)$",
     ]
     for pattern in patterns:
@@ -515,8 +687,11 @@ def _acceptable_rule(subject: str, text: str) -> AcceptableRule:
 
 
 _READERS: tuple[Callable[[str, str], list[Any] | None], ...] = (
+    _read_scale,
     _read_policy,
     _read_required,
+    _read_border,
+    _read_sized_defect,
     _read_size,
     _read_region,
     _read_laft,
@@ -548,16 +723,20 @@ def _quote(rule: Any) -> str:
     return f'"{rule.label}"'
 
 
+def _same_concept(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and concept_key(a) == concept_key(b)
+
+
 def _conflict(a: Any, b: Any) -> str | None:
     if isinstance(a, AcceptableRule) and a.where is None and isinstance(b, DefectRule):
-        if concept_key(a.concept) == concept_key(b.concept):
+        if _same_concept(a.concept, b.concept):
             return f"{b.concept} is both acceptable and a {b.severity} defect"
     if isinstance(a, DefectRule) and isinstance(b, DefectRule) and a.severity != b.severity:
-        if concept_key(a.concept) == concept_key(b.concept):
+        if _same_concept(a.concept, b.concept) and (a.min_size, a.unit) == (b.min_size, b.unit):
             return f"{a.concept} is given two severities, {a.severity} and {b.severity}"
     if isinstance(a, IgnoreConceptRule) and isinstance(b, FocusConceptRule) and a.concept == b.concept:
         return f"{a.concept} is both ignored and focused on"
-    if isinstance(a, IgnoreConceptRule) and isinstance(b, DefectRule):
+    if isinstance(a, IgnoreConceptRule) and isinstance(b, DefectRule) and b.concept is not None:
         if laft_concepts_in(normalise_words(b.concept)) == [a.concept]:
             return f"{a.concept} is projected out of the features but also named a defect"
     if isinstance(a, RegionRule) and isinstance(b, RegionRule) and a.mode == "only" and b.mode == "ignore":
@@ -581,12 +760,14 @@ def report_from_ruleset(ruleset: RuleSet, *, source: str, clauses: list[str] | N
 
     When ``clauses`` is given, a clause that no rule's ``text`` quotes is reported as not understood.
     """
-    policies = [ruleset.policy] if ruleset.policy.text or ruleset.policy != VerdictPolicy() else []
+    policies = [ruleset.policy] if ruleset.shows_policy else []
     not_understood = []
     if clauses is not None:
-        quoted = {_clause_key(r.text) for r in [*ruleset.rules, *policies] if r.text}
+        texts = [r.text for r in [*ruleset.rules, *policies]] + [ruleset.px_per_mm_text]
+        quoted = {_clause_key(t) for t in texts if t}
         not_understood = [f"{c!r}: no rule was made of it" for c in clauses if _clause_key(c) not in quoted]
-    return build_report(list(ruleset.rules), policies, not_understood, source=source)
+    scales = [] if ruleset.px_per_mm is None else [CameraScale(ruleset.px_per_mm, ruleset.px_per_mm_text)]
+    return build_report(list(ruleset.rules), policies, not_understood, source=source, scales=scales)
 
 
 def _clause_key(text: str) -> str:

@@ -11,10 +11,13 @@ Example (YAML):
       - {kind: acceptable, concept: scratches, where: {object: label}, text: scratches on the label are fine}
       - {kind: defect, concept: bent pin, severity: critical}
       - {kind: ignore_concept, concept: colour}
+      - {kind: defect, concept: holes, severity: critical, min_size: 2, unit: percent_image}
       - {kind: min_size, value: 1, unit: percent_object, concept: dents}
       - {kind: region, mode: only, positions: [top half]}
+      - {kind: border, width: 10, unit: pixels}
       - {kind: required_object, object: screw, min_count: 2}
     policy: {fail_at: major}
+    px_per_mm: 12
 
 Only pydantic, PyYAML and the LAFT vocabulary (torch-free) are needed here.
 """
@@ -38,7 +41,12 @@ logger = logging.getLogger(__name__)
 
 Severity = Literal["minor", "major", "critical"]
 SEVERITIES: tuple[str, ...] = ("minor", "major", "critical")
-SIZE_UNITS: tuple[str, ...] = ("percent_image", "percent_object", "pixels")
+SIZE_UNITS: tuple[str, ...] = ("percent_image", "percent_object", "pixels", "mm", "mm2")
+SizeUnit = Literal["percent_image", "percent_object", "pixels", "mm", "mm2"]
+BORDER_UNITS: tuple[str, ...] = ("percent_side", "pixels", "mm")
+DEFAULT_BORDER_PERCENT = 5.0
+"""The band "ignore the edges" means: 5 % of the image's shorter side (25 px of a 512 px photo)."""
+MM_UNITS: tuple[str, ...] = ("mm", "mm2")
 RULE_FILE_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
 _SPELLING = ((r"\bcolor", "colour"), (r"\bgray", "grey"), (r"\bcentre\b", "center"))
 
@@ -127,14 +135,35 @@ def _check_laft_concept(value: str) -> str:
 
 
 def check_size(value: float, unit: str) -> None:
-    """Raises ValueError unless ``value`` is a sensible size in ``unit``."""
+    """Raises ValueError unless ``value`` is a sensible size in ``unit`` (a size unit or a border unit)."""
     if not math.isfinite(value):
         raise ValueError(f"size {value} is not a finite number")
-    if unit == "pixels":
+    if unit in ("pixels", *MM_UNITS):
         if value <= 0:
-            raise ValueError(f"size {value:g} pixels is out of range; use a pixel count above 0")
+            name = {"pixels": "pixels", "mm": "mm", "mm2": "mm²"}[unit]
+            what = "a pixel count" if unit == "pixels" else "a length" if unit == "mm" else "an area"
+            raise ValueError(f"size {value:g} {name} is out of range; use {what} above 0")
     elif not 0 < value <= 100:
         raise ValueError(f"size {value:g} % is out of range; use a percentage above 0 and at most 100")
+
+
+def check_px_per_mm(value: float | None) -> float | None:
+    """Raises ValueError unless ``value`` is None or a finite scale above 0 (pixels per millimetre)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"px_per_mm (pixels per millimetre) must be above 0, got {value:g}")
+    return value
+
+
+def size_text(value: float, unit: str) -> str:
+    """``2% of the image``, ``50 pixels``, ``5 mm (longest side)``, ``3 mm²``."""
+    units = {
+        "percent_image": "% of the image",
+        "percent_object": "% of the part",
+        "pixels": " pixels",
+        "mm": " mm (longest side)",
+        "mm2": " mm²",
+    }
+    return f"{value:g}{units[unit]}"
 
 
 def check_box(value: list[float]) -> list[float]:
@@ -205,14 +234,47 @@ class _Rule(_Model):
 
 
 class DefectRule(_Rule):
-    """A kind of defect that makes a region anomalous, with a severity ("a bent pin is critical")."""
+    """A kind of defect that makes a region anomalous, with a severity ("a bent pin is critical"), optionally only from
+    a size on ("holes bigger than 2 % of the image are critical").
+
+    Attributes:
+        concept: the kind of defect; None only with ``min_size`` ("anything larger than 5 % is critical": every
+            region of that size, whatever it looks like).
+        severity: what a region it names is.
+        min_size: None: any size; else the rule names only regions at least this large, in ``unit``.
+        unit: the unit of ``min_size`` (see :class:`MinSizeRule`; ``percent_image`` when not given); None without
+            ``min_size``.
+    """
 
     kind: Literal["defect"] = "defect"
-    concept: Phrase
+    concept: Phrase | None = None
     severity: Severity = "major"
+    min_size: float | None = None
+    unit: SizeUnit | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_unit(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("min_size") is not None and data.get("unit") is None:
+            return {**data, "unit": "percent_image"}
+        return data
+
+    @model_validator(mode="after")
+    def _names_something(self) -> DefectRule:
+        if self.min_size is not None:
+            check_size(self.min_size, self.unit or "percent_image")
+        elif self.unit is not None:
+            raise ValueError(f"unit {self.unit!r} needs a min_size (the size from which the rule names a region)")
+        elif self.concept is None:
+            raise ValueError("a defect rule needs a concept, or a min_size for regions of any kind")
+        return self
 
     def describe(self) -> str:
-        return f'"{self.concept}" is a {self.severity} defect'
+        if self.min_size is None:
+            return f'"{self.concept}" is a {self.severity} defect'
+        what = f'"{self.concept}" regions' if self.concept else "regions"
+        size = size_text(self.min_size, self.unit or "percent_image")
+        return f"{what} of at least {size} are a {self.severity} defect"
 
 
 class AcceptableRule(_Rule):
@@ -251,14 +313,17 @@ class MinSizeRule(_Rule):
     """Regions smaller than ``value`` are ignored (only those that look like ``concept``, when given).
 
     Attributes:
-        value: the size limit; a percentage in (0, 100] for ``percent_*`` units, a pixel count > 0 for ``pixels``.
-        unit: ``percent_image`` (of the image), ``percent_object`` (of the detected product's box) or ``pixels``.
-        concept: None: any region; else only regions that look like it ("dents smaller than 1 % are fine").
+        value: the size limit; a percentage in (0, 100] for ``percent_*`` units, a number > 0 for the others.
+        unit: ``percent_image`` (of the image), ``percent_object`` (of the detected product's box), ``pixels`` (the
+            region's pixel count), ``mm`` (the longer side of its box in millimetres) or ``mm2`` (its area in square
+            millimetres); the millimetre units need the rule set's ``px_per_mm``.
+        concept: None: any region, whatever it looks like; else only regions that look like it ("dents smaller than
+            1 % are fine").
     """
 
     kind: Literal["min_size"] = "min_size"
     value: float
-    unit: Literal["percent_image", "percent_object", "pixels"] = "percent_image"
+    unit: SizeUnit = "percent_image"
     concept: Phrase | None = None
 
     @model_validator(mode="after")
@@ -268,8 +333,7 @@ class MinSizeRule(_Rule):
 
     def describe(self) -> str:
         what = f'"{self.concept}" regions' if self.concept else "regions"
-        unit = {"percent_image": "% of the image", "percent_object": "% of the part", "pixels": " pixels"}[self.unit]
-        return f"{what} smaller than {self.value:g}{unit} are ignored"
+        return f"{what} smaller than {size_text(self.value, self.unit)} are ignored"
 
 
 class RegionRule(_Rule):
@@ -297,6 +361,35 @@ class RegionRule(_Rule):
         return f"regions {self.area.describe()} are ignored"
 
 
+class BorderRule(_Rule):
+    """Regions lying in a band along the image border are ignored ("ignore anything within 10 pixels of the border",
+    "ignore the edges").
+
+    A region lies in the band when its whole box does, along one side (``x1 <= band``, ``y1 <= band``,
+    ``x0 >= W - band`` or ``y0 >= H - band``); a region that reaches further into the image is kept.
+
+    Attributes:
+        width: the band's width in ``unit``; "the edges" without a number is :data:`DEFAULT_BORDER_PERCENT`.
+        unit: ``percent_side`` (of the image's shorter side), ``pixels`` or ``mm`` (needs ``px_per_mm``).
+    """
+
+    kind: Literal["border"] = "border"
+    width: float = DEFAULT_BORDER_PERCENT
+    unit: Literal["percent_side", "pixels", "mm"] = "percent_side"
+
+    @model_validator(mode="after")
+    def _in_range(self) -> BorderRule:
+        check_size(self.width, self.unit)
+        return self
+
+    def describe(self) -> str:
+        if self.unit == "percent_side":
+            width = f"a band of {self.width:g}% of the image's shorter side along"
+        else:
+            width = f"{self.width:g} {'pixels' if self.unit == 'pixels' else 'mm'} of"
+        return f"regions lying within {width} the image border are ignored"
+
+
 class RequiredObjectRule(_Rule):
     """An object the zero-shot detector must find at least ``min_count`` times, else the part fails."""
 
@@ -309,7 +402,14 @@ class RequiredObjectRule(_Rule):
 
 
 Rule = Annotated[
-    DefectRule | AcceptableRule | IgnoreConceptRule | FocusConceptRule | MinSizeRule | RegionRule | RequiredObjectRule,
+    DefectRule
+    | AcceptableRule
+    | IgnoreConceptRule
+    | FocusConceptRule
+    | MinSizeRule
+    | RegionRule
+    | BorderRule
+    | RequiredObjectRule,
     Field(discriminator="kind"),
 ]
 RULE_KINDS: tuple[str, ...] = (
@@ -319,8 +419,14 @@ RULE_KINDS: tuple[str, ...] = (
     "focus_concept",
     "min_size",
     "region",
+    "border",
     "required_object",
 )
+
+
+def in_mm(rule: Any) -> bool:
+    """True for a rule measured in millimetres (it needs ``px_per_mm``)."""
+    return getattr(rule, "unit", None) in MM_UNITS
 
 
 class VerdictPolicy(_Model):
@@ -345,10 +451,25 @@ class VerdictPolicy(_Model):
 
 
 class RuleSet(_Model):
-    """The rules of one product, in the order the user wrote them, and the verdict policy."""
+    """The rules of one product, in the order the user wrote them, the verdict policy, and the camera's scale.
+
+    Attributes:
+        rules: the rules.
+        policy: which severity fails a part.
+        px_per_mm: pixels of the photo per millimetre on the part (a product setting: camera and lens); rules in
+            ``mm`` / ``mm2`` need it and are ``not applicable`` without it.
+        px_per_mm_text: the user's words that set ``px_per_mm`` ("12 pixels per mm"); empty when set in a file.
+    """
 
     rules: list[Rule] = Field(default_factory=list)
     policy: VerdictPolicy = Field(default_factory=VerdictPolicy)
+    px_per_mm: float | None = None
+    px_per_mm_text: str = ""
+
+    @field_validator("px_per_mm")
+    @classmethod
+    def _positive_scale(cls, value: float | None) -> float | None:
+        return check_px_per_mm(value)
 
     def of_kind(self, *classes: type[_Rule]) -> list[Any]:
         """The rules that are instances of ``classes``, in order."""
@@ -356,8 +477,17 @@ class RuleSet(_Model):
 
     @property
     def is_empty(self) -> bool:
-        """True when there are no rules and the policy is the default one."""
-        return not self.rules and self.policy == VerdictPolicy()
+        """True when there are no rules, the policy is the default one and no camera scale is set."""
+        return not self.rules and self.policy == VerdictPolicy() and self.px_per_mm is None
+
+    @property
+    def shows_policy(self) -> bool:
+        """Whether the policy is worth saying back: the user wrote it, or it is not the default one."""
+        return bool(self.policy.text) or self.policy.model_copy(update={"text": ""}) != VerdictPolicy()
+
+    def describe_scale(self) -> str:
+        """``the photos have 12 pixels per millimetre (for rules in mm)``."""
+        return f"the photos have {self.px_per_mm:g} pixels per millimetre (for rules in mm)"
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_defaults=False)
@@ -389,6 +519,8 @@ class ProductProfile(_Model):
         threshold: a raw-score threshold, or None for the scorer's default / calibrated one.
         scorer: registry name of the scorer.
         backbone: backbone spec, or None for the scorer's default.
+        px_per_mm: pixels of the photo per millimetre on the part, for rules in millimetres; passed on to the rules
+            (:meth:`product_rules`). Giving it here and a different one in ``rules`` is an error.
     """
 
     product: Phrase
@@ -397,6 +529,26 @@ class ProductProfile(_Model):
     threshold: float | None = None
     scorer: str = "winclip"
     backbone: str | None = None
+    px_per_mm: float | None = None
+
+    @field_validator("px_per_mm")
+    @classmethod
+    def _positive_scale(cls, value: float | None) -> float | None:
+        return check_px_per_mm(value)
+
+    @model_validator(mode="after")
+    def _one_scale(self) -> ProductProfile:
+        if None not in (self.px_per_mm, self.rules.px_per_mm) and self.px_per_mm != self.rules.px_per_mm:
+            raise ValueError(
+                f"px_per_mm is {self.px_per_mm:g} for the product but {self.rules.px_per_mm:g} in its rules; give one"
+            )
+        return self
+
+    def product_rules(self) -> RuleSet:
+        """The rules with the product's ``px_per_mm`` (the rules' own when the product gives none)."""
+        if self.px_per_mm is None or self.rules.px_per_mm is not None:
+            return self.rules
+        return self.rules.model_copy(update={"px_per_mm": self.px_per_mm})
 
     @field_validator("threshold")
     @classmethod
@@ -425,7 +577,7 @@ def load_rules(path: str | Path) -> RuleSet:
     """
     data = _read(path)
     if isinstance(data, dict) and "product" in data:
-        return _validate(ProductProfile, data, str(path)).rules
+        return _validate(ProductProfile, data, str(path)).product_rules()
     return RuleSet.from_data(data, where=str(path))
 
 
