@@ -44,11 +44,11 @@ def test_chat_upload_then_question(client, uploads):
         0.5,
         api_name="/chat",
     )
-    box, history, verdict, slider, regions, report = out
+    box, history, verdict, slider, regions, report, product, rules = out
     assert any("part:" in str(m.get("content")) for m in history)
     assert verdict.count("NORMAL") + verdict.count("ANOMALOUS") == 1
     assert report
-    assert str(report).endswith("report.json")
+    assert str(report).endswith("defect_report.json")
     # the session (gr.State) remembers the image: the follow-up needs no history from the client
     out = client.predict(
         {"text": "how big is it?", "files": []}, [], "part", "winclip", "", None, "", 0.5, api_name="/chat"
@@ -66,9 +66,11 @@ def test_batch_endpoint(client, uploads):
     table, gallery, downloads, status = client.predict(
         files, None, "part", "winclip", "", None, "", 0.5, api_name="/batch"
     )
-    assert status == "2 of 2 images scored."
+    assert status.startswith("**2 image(s): ")
+    assert status.split("\n")[0].endswith(" normal, 0 failed.**")
     assert [row[0] for row in table["data"]] == ["good.png", "defect.png"]
     assert len(downloads) == 2
+    assert len(gallery) == 2
 
 
 def test_server_files_outside_its_cache_are_not_served(app_url):

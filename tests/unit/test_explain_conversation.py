@@ -125,6 +125,32 @@ def test_template_conversation_keeps_history_without_a_model(evidence):
     assert [m["role"] for m in conv.messages] == ["system", "user", "assistant", "user", "assistant"]
 
 
+def test_new_facts_reach_later_answers_and_the_model_once(fake, evidence):
+    from vlad.thresholds import Thresholds
+
+    result = evidence.result
+    moved = Thresholds.of(result).with_sensitivity(0.9).apply(result)
+    assert moved.threshold != result.threshold
+    new = build_evidence(make_image((600, 400)), moved, "bottle", tile=128, max_side=112)
+    template = Conversation(evidence)
+    template.explain()
+    template.update(new, "the sensitivity was set to 0.90")
+    assert f"against a threshold of {moved.threshold:.4f}" in "".join(template.ask("how sure?"))
+    fake.replies = ["At the top left.", "Sure.", "Still sure."]
+    conv = _conv(fake, evidence)
+    for question in ("where?", "how sure?", "really?"):
+        if question == "how sure?":
+            conv.update(new, "the sensitivity was set to 0.90")
+        "".join(conv.ask(question))
+    bodies = fake.chat_requests()
+    told, later = (b["messages"][-1]["content"] for b in bodies[1:])
+    assert told.startswith("[The detector's result changed (the sensitivity was set to 0.90); these facts replace")
+    assert f"against the threshold {moved.threshold:.4f}" in told
+    assert told.endswith("\n\nhow sure?")
+    assert later == "really?"  # told once
+    assert _images_per_message(bodies[2]) == [0, 3, 0, 0, 0, 0]  # the pictures are not sent again
+
+
 def test_options_are_checked(evidence):
     with pytest.raises(ConfigError, match="max_tokens \\(512\\) must be smaller than context_tokens \\(256\\)"):
         Conversation(evidence, context_tokens=256)

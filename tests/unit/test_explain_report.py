@@ -128,6 +128,12 @@ def test_template_explain_outcome_has_a_valid_report():
         ("where is it and how large?", ["location", "size"]),
         ("help", ["help"]),
         ("what colour is the cap?", []),
+        ("is it a hole?", ["kind"]),
+        ("Is that a scratch or a crack on the rim?", ["kind"]),
+        ("does it have a dent?", ["kind"]),
+        ("is it a defect?", ["verdict"]),
+        ("would you reject this?", ["decision"]),
+        ("should I accept it?", ["decision"]),
     ],
 )
 def test_questions_are_classified(question, intents):
@@ -171,6 +177,55 @@ def test_other_questions_say_a_model_is_needed_and_how():
 def test_random_weights_are_mentioned_when_asked_how_sure():
     facts = _facts(warnings=["backbone random:tiny has random weights: scores and maps are meaningless"])
     assert answer("how sure?", facts).endswith("These numbers come from random backbone weights and mean nothing.")
+
+
+def _named(**kw) -> dict:
+    """Facts whose two regions carry defect phrases (as when a CLIP backbone named them)."""
+    return build_facts(make_result(**kw), "bottle", region_phrases=["a hole", "a scratch"])
+
+
+def test_kind_questions_answer_yes_from_the_region_phrases():
+    facts = _named(rule_hits=[RuleHit("any hole is critical", "prompt added")])
+    text = answer("is it a hole?", facts)
+    assert text.startswith(
+        "Yes, most likely: of the defect descriptions vlad compares, the closest one for the area at the top left is "
+        '"a hole".'
+    )
+    assert "(The part's verdict is anomalous.)" in text
+    assert 'The rule "any hole is critical" is about it: prompt added.' in text
+    assert 'the area at the bottom right is "a scratch"' in answer("are there any scratches?", facts)
+
+
+def test_kind_questions_answer_no_and_unclear():
+    text = answer("is it a crack?", _named())
+    assert text.startswith(
+        'Probably not a crack: the closest defect descriptions vlad found are "a hole" at the top left and "a scratch" '
+        "at the bottom right."
+    )
+    unnamed = answer("is it a hole?", _facts())  # no backbone named the regions
+    assert unnamed.startswith("I cannot tell: the detector marks 2 areas but names no defect type")
+    assert "needs a language model" in unnamed
+    assert answer("is it a hole?", _facts(blobs=[], score=0.3, label=False)) == (
+        "No hole that the detector can see: no area is above the pixel threshold and the part is normal."
+    )
+
+
+def test_would_you_reject_answers_from_the_verdict_and_the_rules_that_decided():
+    hits = [
+        RuleHit("any hole is critical", "prompt added", {"set": "anomalous"}),
+        RuleHit("a dent is a defect", "verdict raised", {"before": "normal", "after": "anomalous"}),
+    ]
+    text = answer("would you reject this?", _facts(rule_hits=hits))
+    assert text.startswith("I would reject it: the verdict is anomalous (score 0.8000 against the threshold 0.5000).")
+    assert 'The rules decided it: "a dent is a defect" (verdict raised).' in text
+    assert text.endswith('Applied without changing the verdict: "any hole is critical" (prompt added).')
+    normal = answer("should I accept it?", _facts(blobs=[], score=0.3, label=False))
+    assert normal == (
+        "I would accept it: the verdict is normal (score 0.3000 against the threshold 0.5000). No rule changed this "
+        "verdict: it is the detector's score against the threshold."
+    )
+    near = answer("would you reject this?", _facts(score=0.55))
+    assert "close to the threshold, so a second look by a person is advisable" in near
 
 
 # ---------------------------------------------------------------------- prompt text and report rendering

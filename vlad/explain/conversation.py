@@ -22,6 +22,7 @@ from vlad.explain.explainer import (
     ExplainOutcome,
     evidence_parts,
     explain,
+    facts_text,
     report_messages,
     system_message,
 )
@@ -124,6 +125,7 @@ class Conversation:
         self.notices: list[str] = []
         self.outcome: ExplainOutcome | None = None
         self._last_failure: str | None = None
+        self._update: str | None = None
 
     @property
     def budget(self) -> int:
@@ -150,6 +152,14 @@ class Conversation:
         self.outcome = outcome
         return outcome
 
+    def update(self, evidence: Evidence, reason: str) -> None:
+        """New facts about the same image (another threshold, product or rules; ``reason`` says which): later answers
+        use them and the history is kept. A model is told in the next user turn what changed and the new facts (the
+        pictures already sent stay; the heat map may differ from the one it saw)."""
+        self.evidence = evidence
+        if self.turns:
+            self._update = prompts()["facts_update"].format(reason=reason, facts=facts_text(evidence.facts)).strip()
+
     # ------------------------------------------------------------------ questions
     def ask(self, text: str) -> Iterator[str]:
         """Answers a question, streaming the answer's pieces.
@@ -167,6 +177,7 @@ class Conversation:
             yield t["long_question"].format(chars=len(question), limit=self.max_user_chars).strip()
             return
         user = self._user_message(question)
+        self._update = None  # told once, in this turn
         if not getattr(self.backend, "is_model", False):
             reply = template_answer(question, self.evidence.facts)
             self._record(user, reply)
@@ -181,7 +192,7 @@ class Conversation:
 
     def _user_message(self, question: str) -> Message:
         if self.turns:
-            return {"role": "user", "content": question}
+            return {"role": "user", "content": f"{self._update}\n\n{question}" if self._update else question}
         first = prompts()["chat_first_turn"].format(object=self.evidence.object_name, question=question)
         return {"role": "user", "content": [*evidence_parts(self.evidence), {"type": "text", "text": first}]}
 

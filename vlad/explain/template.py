@@ -1,15 +1,16 @@
 """The template backend: grounded words built from the detector's facts alone, no language model.
 
 It is the default, so explanations and the fact questions of a conversation ("where?", "how big?", "how sure?",
-"what rule fired?", "why?") work with nothing installed or running. Every sentence is a template in
-``prompts/explain.yaml`` filled from the facts of :func:`vlad.explain.evidence.build_facts`; questions it cannot answer
-from facts get a plain statement that a language model is needed and how to configure one.
+"what rule fired?", "why?", "is it a hole?", "would you reject this?") work with nothing installed or running. Every
+sentence is a template in ``prompts/explain.yaml`` filled from the facts of :func:`vlad.explain.evidence.build_facts`;
+questions it cannot answer from facts get a plain statement that a language model is needed and how to configure
+one.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from vlad.explain.schema import AnomalyReport
@@ -17,7 +18,8 @@ from vlad.resources import load_prompt_file
 from vlad.result import UNCLASSIFIED
 
 SPEC = "template"
-_INTENT_ORDER = ("verdict", "location", "size", "confidence", "rules", "why")
+_INTENT_ORDER = ("verdict", "decision", "kind", "location", "size", "confidence", "rules", "why")
+_WORD = re.compile(r"[a-z0-9][a-z0-9'-]*")
 
 
 def prompts() -> dict[str, Any]:
@@ -144,14 +146,72 @@ def _regions_sentence(facts: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------- questions
 def classify(question: str) -> list[str]:
-    """The intents a question asks about, in a fixed order (``verdict, location, size, confidence, rules, why``);
-    ``help`` alone when it only asks what can be asked; empty when nothing matches."""
+    """The intents a question asks about, in a fixed order (``verdict, decision, kind, location, size, confidence,
+    rules, why``); ``help`` alone when it only asks what can be asked; empty when nothing matches. ``kind`` is "is it
+    a X?" (see :func:`kind_question`), ``decision`` is "would you reject this?"."""
     text = " " + re.sub(r"[^a-z0-9' ]+", " ", question.lower()) + " "
     intents = prompts()["intents"]
     found = [name for name in (*_INTENT_ORDER, "help") if any(f" {w} " in text for w in intents.get(name, []))]
+    kinds = kind_question(question)
+    if kinds:
+        found.append("kind")
+    elif kinds == [] and "verdict" not in found:
+        found.append("verdict")  # "is it a defect?" asks for the verdict
+    if "decision" in found and "verdict" in found:
+        found.remove("verdict")  # the decision states the verdict
     if "why" in found and "verdict" in found:
         found.remove("verdict")  # "why is it anomalous?" asks for the reason, which states the verdict anyway
-    return found
+    if len(found) > 1 and "help" in found:
+        found.remove("help")
+    return [name for name in (*_INTENT_ORDER, "help") if name in found]
+
+
+def kind_question(question: str) -> list[str] | None:
+    """The defect kinds an "is it a X?" question asks about: "is it a hole?" -> ``["hole"]``, "is that a scratch or a
+    crack?" -> ``["scratch", "crack"]``; ``[]`` for "is it a defect?" (a verdict question); None for other questions.
+    The patterns are ``kind_questions`` in ``prompts/explain.yaml``."""
+    p = prompts()
+    text = " ".join(re.sub(r"[^a-z0-9' -]+", " ", question.lower()).split())
+    match = next((m for m in (re.search(pat, text) for pat in p["kind_questions"]) if m), None)
+    if match is None:
+        return None
+    stops, generic = set(p["kind_stops"]), set(p["kind_generic"])
+    things: list[str] = []
+    current: list[str] = []
+    for word in match.group("thing").split():
+        if word == "or":
+            things.append(" ".join(current))
+            current = []
+        elif word in ("a", "an", "any", "some", "the"):
+            continue
+        elif word in stops:
+            break
+        else:
+            current.append(word)
+    things.append(" ".join(current))
+    return [t for t in things if t and not all(w in generic for w in t.split())]
+
+
+def stem(word: str) -> str:
+    """A crude English stem for matching words: "scratches" ~ "scratch", "chipped" ~ "chip", "holes" ~ "hole"."""
+    w = word.lower().strip("'")
+    for suffix in ("ing", "ed", "es", "s"):
+        if len(w) > len(suffix) + 2 and w.endswith(suffix):
+            if suffix == "es" and not w.endswith(("ches", "shes", "sses", "xes", "zes")):
+                suffix = "s"
+            if suffix == "s" and w.endswith("ss"):
+                break  # "glass"
+            w = w[: -len(suffix)]
+            if suffix in ("ing", "ed") and len(w) > 2 and w[-1] == w[-2]:
+                w = w[:-1]  # chipped -> chip
+            break
+    return w
+
+
+def stem_words(text: str) -> list[str]:
+    """The stems of a text's words (articles and the like left out)."""
+    stop = set(prompts()["understanding"]["stop_words"])
+    return [stem(w) for w in _WORD.findall(text.lower()) if w not in stop]
 
 
 def answer(question: str, facts: dict[str, Any]) -> str:
@@ -163,8 +223,10 @@ def answer(question: str, facts: dict[str, Any]) -> str:
     a = t["answers"]
     if intents == ["help"]:
         return a["help"].strip()
-    builders = {
+    builders: dict[str, Callable[[dict[str, Any]], str]] = {
         "verdict": _answer_verdict,
+        "decision": _answer_decision,
+        "kind": lambda f: _answer_kind(f, kind_question(question) or []),
         "location": _answer_location,
         "size": _answer_size,
         "confidence": _answer_confidence,
@@ -172,7 +234,9 @@ def answer(question: str, facts: dict[str, Any]) -> str:
         "why": _answer_why,
     }
     parts = [builders[i](facts) for i in intents if i in builders]
-    if any("random weights" in w for w in facts["warnings"]) and ("confidence" in intents or "verdict" in intents):
+    if any("random weights" in w for w in facts["warnings"]) and (
+        "confidence" in intents or "verdict" in intents or "decision" in intents
+    ):
         parts.append(a["random"])
     return " ".join(p.strip() for p in parts)
 
@@ -243,6 +307,62 @@ def _answer_why(facts: dict[str, Any]) -> str:
     if facts["rule_hits"]:
         text += " " + _answer_rules(facts)
     return text
+
+
+def _answer_kind(facts: dict[str, Any], things: list[str]) -> str:
+    """Yes / probably not / cannot tell, from each region's defect phrase; rules about the kind are named."""
+    a = prompts()["template"]["answers"]
+    thing = " or ".join(things)
+    regions = facts["regions"]
+    if not regions:
+        return a["kind_none"].format(thing=thing, verdict=facts["verdict"])
+    named = [r for r in regions if r.get("phrase")]
+    if not named:
+        count = _noun(len(regions), "area")
+        text = a["kind_unnamed"].format(count_words=count[0].lower() + count[1:], thing=thing)
+    else:
+        heads = {stem_words(t)[-1] for t in things if stem_words(t)}
+        hits = [r for r in named if heads & set(stem_words(r["phrase"]))]
+        if hits:
+            where = _join([f"the area at the {r['position']}" for r in hits[:3]])
+            text = a["kind_yes"].format(where=where, phrase=hits[0]["phrase"])
+        else:
+            items = _join([a["kind_item"].format(phrase=r["phrase"], position=r["position"]) for r in named[:4]])
+            text = a["kind_no"].format(thing=thing, items=items)
+        text += " " + a["kind_verdict"].format(verdict=facts["verdict"])
+    stems = {s for t in things for s in stem_words(t)}
+    for hit in facts["rule_hits"]:
+        if stems & set(stem_words(hit["rule"])):
+            text += " " + a["kind_rule"].format(rule=hit["rule"], effect=hit["effect"])
+    return text
+
+
+def _answer_decision(facts: dict[str, Any]) -> str:
+    """ "Would you reject this?": the verdict, the rules that decided it, and those that only set the scorer up."""
+    p = prompts()
+    a = p["template"]["answers"]
+    key = "decision_reject" if facts["verdict"] == "anomalous" else "decision_accept"
+    parts = [a[key].format(**_numbers(facts))]
+    if abs(facts["normalized_score"] - 0.5) < 0.1:
+        parts.append(a["decision_near"])
+    decisive = set(p["decisive_effects"])
+    deciding = [h for h in facts["rule_hits"] if h["effect"] in decisive]
+    if deciding:
+        items = [a["decision_rule_item"].format(rule=h["rule"], effect=h["effect"]) for h in deciding]
+        parts.append(a["decision_rules"].format(items="; ".join(dict.fromkeys(items))))
+    else:
+        parts.append(a["decision_no_rule"])
+    others: dict[str, list[str]] = {}
+    for h in facts["rule_hits"]:
+        if h["rule"] not in {d["rule"] for d in deciding}:
+            others.setdefault(h["rule"], []).append(h["effect"])
+    if others:
+        items = [
+            a["decision_rule_item"].format(rule=rule, effect=", ".join(dict.fromkeys(effects)))
+            for rule, effects in others.items()
+        ]
+        parts.append(a["decision_other"].format(items="; ".join(items)))
+    return " ".join(parts)
 
 
 def _join(items: list[str]) -> str:
