@@ -69,7 +69,7 @@ NEUTRAL = (128, 128, 128)
 def slider_pair(image: Image.Image, overlay: Image.Image) -> tuple[Image.Image, Image.Image]:
     """The image and its heat map at one size, for the slider: when the overlay is larger (a legend, a colour bar),
     the image is placed at the top left of a neutral canvas of the overlay's size, so that pixels line up; a smaller
-    overlay is scaled to the image."""
+    overlay (large inputs are drawn at a bounded size) gets the image scaled down to it."""
     image, overlay = image.convert("RGB"), overlay.convert("RGB")
     if overlay.size == image.size:
         return image, overlay
@@ -77,7 +77,7 @@ def slider_pair(image: Image.Image, overlay: Image.Image) -> tuple[Image.Image, 
         canvas = Image.new("RGB", overlay.size, NEUTRAL)
         canvas.paste(image, (0, 0))
         return canvas, overlay
-    return image, overlay.resize(image.size, Image.Resampling.BILINEAR)
+    return image.resize(overlay.size, Image.Resampling.BILINEAR), overlay
 
 
 def _panels(ins: Any, note: str = "") -> tuple[Any, ...]:

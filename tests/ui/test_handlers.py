@@ -379,3 +379,15 @@ def test_kind_and_decision_questions_are_answered_from_the_facts(service, upload
     _, history, *_ = _run(service, {"text": "would you reject this?", "files": []}, history, session)
     verdict = session.inspection.result.verdict
     assert history[-1]["content"].startswith("I would reject it" if verdict == "anomalous" else "I would accept it")
+
+
+def test_a_bounded_overlay_gets_the_image_scaled_down_to_it():
+    from PIL import Image
+
+    from webui.app import slider_pair
+
+    image = Image.new("RGB", (4200, 2100), (10, 20, 30))
+    overlay = Image.new("RGB", (2048, 1024), (200, 0, 0))  # large inputs are drawn at a bounded size
+    left, right = slider_pair(image, overlay)
+    assert left.size == right.size == (2048, 1024)
+    assert left.getpixel((100, 100)) == (10, 20, 30)

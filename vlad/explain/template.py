@@ -316,7 +316,8 @@ def _answer_kind(facts: dict[str, Any], things: list[str]) -> str:
     regions = facts["regions"]
     if not regions:
         return a["kind_none"].format(thing=thing, verdict=facts["verdict"])
-    named = [r for r in regions if r.get("phrase")]
+    # the region's one defect type (the rules' or the closest defect description); "unclassified" names nothing
+    named = [{**r, "phrase": r["defect_type"]} for r in regions if r.get("defect_type") not in (None, UNCLASSIFIED)]
     if not named:
         count = _noun(len(regions), "area")
         text = a["kind_unnamed"].format(count_words=count[0].lower() + count[1:], thing=thing)
