@@ -191,8 +191,6 @@ class OpenAIBackend:
         max_retries: int = DEFAULT_RETRIES,
     ) -> None:
         openai = require("openai", "explain", what="--lvlm openai:...")
-        import httpx
-
         self.base_url = base_url.rstrip("/")
         self._model = model
         self.timeout = float(timeout)
@@ -201,7 +199,8 @@ class OpenAIBackend:
         self.client = openai.OpenAI(
             base_url=self.base_url,
             api_key=api_key(),
-            timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
+            # the SDK's own Timeout type: its HTTP client changes between releases (httpx, httpx2)
+            timeout=openai.Timeout(self.timeout, connect=min(10.0, self.timeout)),
             max_retries=max_retries,
         )
 
