@@ -23,6 +23,7 @@ from typing import Any
 
 from PIL import Image
 
+from vlad.cli.common import unique_name
 from vlad.errors import VladError
 
 logger = logging.getLogger(__name__)
@@ -357,7 +358,7 @@ class InspectorService:
                 index = ok[record.index]
                 overlay = None
                 if record.ok and record.overlay is not None:
-                    overlay = folder / f"{_unique(Path(names[index]).stem, used)}_overlay.png"
+                    overlay = folder / f"{unique_name(Path(names[index]).stem, used)}_overlay.png"
                     record.overlay.save(overlay)
                 if record.error:
                     record.error = public_text(record.error, paths)
@@ -530,18 +531,20 @@ def _evidence(image: Image.Image, result: Any, name: str, backbone: Any, *, prev
 
 
 def _carry_phrases(regions: list[dict[str, Any]], old: list[dict[str, Any]]) -> None:
-    """Give each region the phrase of the old region its box overlaps most."""
+    """Give each region without a defect type the type of the old region its box overlaps most."""
     for region in regions:
+        if region.get("defect_type"):
+            continue
         best, best_area = None, 0
         for o in old:
-            if not o.get("phrase"):
+            if not o.get("defect_type"):
                 continue
             a, b = region["bbox"], o["bbox"]
             area = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
             if area > best_area:
-                best, best_area = o["phrase"], area
+                best, best_area = o["defect_type"], area
         if best is not None:
-            region["phrase"] = best
+            region["defect_type"] = best
 
 
 def _upload_roots() -> list[str]:
@@ -557,15 +560,6 @@ def public_text(text: str, paths: Sequence[str | Path] = ()) -> str:
     for root in _upload_roots():
         text = re.sub(re.escape(root) + r"/(?:[^\s'\"]*/)?([^\s/'\"]+)", r"\1", text)
     return text
-
-
-def _unique(stem: str, used: set[str]) -> str:
-    name, n = stem, 1
-    while name in used:
-        n += 1
-        name = f"{stem}_{n}"
-    used.add(name)
-    return name
 
 
 def report_name(file: str) -> str:

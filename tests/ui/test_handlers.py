@@ -391,3 +391,12 @@ def test_a_bounded_overlay_gets_the_image_scaled_down_to_it():
     left, right = slider_pair(image, overlay)
     assert left.size == right.size == (2048, 1024)
     assert left.getpixel((100, 100)) == (10, 20, 30)
+
+
+def test_re_thresholded_regions_keep_the_defect_type_of_the_region_they_overlap():
+    from webui.service import _carry_phrases
+
+    old = [{"bbox": [0, 0, 10, 10], "defect_type": "a hole"}, {"bbox": [20, 20, 30, 30], "defect_type": "a scratch"}]
+    new = [{"bbox": [2, 2, 12, 12]}, {"bbox": [18, 18, 40, 40]}, {"bbox": [50, 50, 60, 60]}]
+    _carry_phrases(new, old)
+    assert [r.get("defect_type") for r in new] == ["a hole", "a scratch", None]
