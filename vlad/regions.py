@@ -77,11 +77,11 @@ def find_regions(
     labels, count = ndimage.label(bmask, structure=_EIGHT_CONNECTED)
     if count == 0:
         return ()
-    stats = _component_stats(amap, labels, count)
-    keep = np.flatnonzero(stats["area"] >= min_area)
-    order = keep[np.lexsort((-stats["area"][keep], -stats["peak"][keep]))][:max_regions]
+    area, peak = _area_and_peak(amap, labels, count)
+    keep = np.flatnonzero(area >= min_area)
+    order = keep[np.lexsort((-area[keep], -peak[keep]))][:max_regions]
     slices = ndimage.find_objects(labels)
-    return tuple(_make_region(stats, int(i), slices[i], amap.shape) for i in order)
+    return tuple(_make_region(amap, labels, int(i), slices[i], float(peak[i])) for i in order)
 
 
 PEAK_BAND = 0.1
@@ -127,44 +127,38 @@ def boxes_to_mask(
     return out
 
 
-def _component_stats(amap: np.ndarray, labels: np.ndarray, count: int) -> dict[str, np.ndarray]:
-    """Per-component statistics, each an array of shape (count,) indexed by ``label - 1``.
+def _area_and_peak(amap: np.ndarray, labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel count and peak map value of every component, each of shape (count,) indexed by ``label - 1``.
 
     ``labels`` is the (H, W) int output of :func:`scipy.ndimage.label`, so every label in ``1..count`` has a pixel.
+    One pass over the labelled pixels, no sort: this is the only whole-image statistic (the rest is computed for the
+    kept regions only, inside their bounding boxes), so a 4200 x 4200 map takes a fraction of a second.
     """
     flat_idx = np.flatnonzero(labels)
     lab = labels.ravel()[flat_idx]
-    values = amap.ravel()[flat_idx].astype(np.float64)
-    ys, xs = np.divmod(flat_idx, amap.shape[1])
     area = np.bincount(lab, minlength=count + 1)[1:]
-    by_label = values[np.argsort(lab, kind="stable")]
-    starts = np.concatenate(([0], np.cumsum(area)[:-1]))
-    return {
-        "area": area,
-        "peak": np.maximum.reduceat(by_label, starts),
-        "mean": np.bincount(lab, weights=values, minlength=count + 1)[1:] / area,
-        "cx": np.bincount(lab, weights=xs, minlength=count + 1)[1:] / area + 0.5,
-        "cy": np.bincount(lab, weights=ys, minlength=count + 1)[1:] / area + 0.5,
-    }
+    peak = np.full(count + 1, -np.inf)
+    np.maximum.at(peak, lab, amap.ravel()[flat_idx])
+    return area, peak[1:]
 
 
-def _make_region(
-    stats: dict[str, np.ndarray],
-    i: int,
-    slc: tuple[slice, slice],
-    shape: tuple[int, ...],
-) -> Region:
-    """Builds the :class:`Region` for component index ``i`` (label ``i + 1``) with bounding slices ``slc``."""
-    height, width = shape
+def _make_region(amap: np.ndarray, labels: np.ndarray, i: int, slc: tuple[slice, slice], peak: float) -> Region:
+    """The :class:`Region` of component index ``i`` (label ``i + 1``), whose bounding slices are ``slc``: mean and
+    centroid computed inside the bounding box only."""
+    height, width = amap.shape
     rows, cols = slc
-    cx, cy = float(stats["cx"][i]), float(stats["cy"][i])
-    area = int(stats["area"][i])
+    inside = labels[slc] == i + 1
+    ys, xs = np.nonzero(inside)
+    area = int(ys.size)
+    values = amap[slc][inside].astype(np.float64)
+    cx = float(xs.mean()) + cols.start + 0.5
+    cy = float(ys.mean()) + rows.start + 0.5
     return Region(
         bbox=(int(cols.start), int(rows.start), int(cols.stop), int(rows.stop)),
         area=area,
         area_fraction=area / (height * width),
-        peak_score=float(stats["peak"][i]),
-        mean_score=float(stats["mean"][i]),
+        peak_score=peak,
+        mean_score=float(values.sum() / area),
         centroid=(cx, cy),
         position=position_word(cx, cy, width, height),
     )

@@ -314,3 +314,35 @@ def test_the_template_explains_peak_regions_and_normal_verdicts_with_regions():
         "regions": [{**facts["regions"][0], "source": "threshold"}],
     }
     assert "so the part passes although one area is above the pixel threshold" in explain_text(normal)
+
+
+def test_find_regions_matches_a_per_component_computation_on_many_components() -> None:
+    """Interlocking, nested and touching components (a random mask): every statistic equals a direct per-label
+    computation with scipy."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    amap = rng.random((60, 80)).astype(np.float32)
+    mask = rng.random((60, 80)) > 0.6
+    regions = find_regions(amap, mask, max_regions=10**6)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    assert len(regions) == count > 50
+    expected = []
+    for label in range(1, count + 1):
+        ys, xs = np.nonzero(labels == label)
+        values = amap[ys, xs].astype(np.float64)
+        expected.append(
+            (
+                (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+                ys.size,
+                float(values.max()),
+                float(values.mean()),
+                (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5),
+            )
+        )
+    expected.sort(key=lambda e: (-e[2], -e[1]))
+    for region, (bbox, area, peak, mean, centroid) in zip(regions, expected, strict=True):
+        assert (region.bbox, region.area) == (bbox, area)
+        assert region.peak_score == pytest.approx(peak)
+        assert region.mean_score == pytest.approx(mean)
+        assert region.centroid == pytest.approx(centroid)
