@@ -217,19 +217,20 @@ def _count_images(messages: list[Message]) -> int:
 class OpenAIBackend:
     """A model behind an OpenAI-compatible ``/v1`` API (vLLM, Ollama, ``transformers serve``, OpenAI).
 
-    Every request pins the sampling (:data:`NEUTRAL_SAMPLING`, plus :data:`VLLM_NEUTRAL_EXTRAS` until a server refuses
-    them), so a model's ``generation_config.json`` defaults never apply. ``response_format`` (a JSON schema) is sent
+    Every request pins the sampling (:data:`NEUTRAL_SAMPLING`, plus :data:`VLLM_NEUTRAL_EXTRAS` for vLLM), so a
+    model's ``generation_config.json`` defaults never apply. ``response_format`` (a JSON schema) is sent
     when a caller passes ``json_schema``; when the server refuses the field (HTTP 400/422 naming ``response_format``)
     the backend remembers that, and when it cannot compile one schema (vLLM's xgrammar / guidance errors) that schema
     is left out from then on. Callers describe the schema in the prompt anyway and validate the reply. A reply cut by
-    ``max_tokens`` is asked again once with twice the tokens (within the model's context), else
-    :class:`~vlad.explain.errors.LVLMTruncated` is raised; too many pictures for the server's per-prompt limit raise
-    :class:`~vlad.explain.errors.TooManyImages` and the limit is kept in ``image_limit``.
+    ``max_tokens`` is asked again once with twice the tokens when the server reports its context (vLLM), within it;
+    a reply still cut raises :class:`~vlad.explain.errors.LVLMTruncated`. Too many pictures for the server's
+    per-prompt limit raise :class:`~vlad.explain.errors.TooManyImages`, and the limit is kept in ``image_limit``.
 
     Attributes:
         sampling: the sampling fields sent with every request.
-        sampling_extras: the extra (non-OpenAI) sampling fields sent while ``sampling_extras_supported`` is not False.
+        sampling_extras: the extra (non-OpenAI) sampling fields, sent to vLLM (see :meth:`_send_extras`).
         image_limit: the server's pictures-per-prompt limit once an answer told it, else None.
+        last_finish_reason: the ``finish_reason`` of the last reply (``"stop"``, ``"length"``, ...; None if unknown).
     """
 
     is_model = True
@@ -251,6 +252,7 @@ class OpenAIBackend:
         self.sampling: dict[str, Any] = dict(NEUTRAL_SAMPLING)
         self.sampling_extras: dict[str, Any] = dict(VLLM_NEUTRAL_EXTRAS)
         self.image_limit: int | None = None
+        self.last_finish_reason: str | None = None
         self._rejected_schemas: set[str] = set()
         self._cards: dict[str, dict[str, Any]] | None = None
         self._openai = openai
@@ -273,7 +275,10 @@ class OpenAIBackend:
             data = self.client.models.list().data
         except Exception as exc:  # noqa: BLE001 -- every SDK failure becomes one clear line
             raise self._describe(exc) from exc
-        self._cards = {m.id: {"max_model_len": getattr(m, "max_model_len", None)} for m in data}
+        self._cards = {
+            m.id: {"max_model_len": getattr(m, "max_model_len", None), "owned_by": getattr(m, "owned_by", None)}
+            for m in data
+        }
         return list(self._cards)
 
     @property
@@ -381,11 +386,18 @@ class OpenAIBackend:
             **self.sampling,
             "stream": stream,
         }
-        if self.sampling_extras and self.sampling_extras_supported is not False:
+        if self._send_extras():
             kwargs["extra_body"] = dict(self.sampling_extras)
         if schema is not None:
             kwargs["response_format"] = {"type": "json_schema", "json_schema": schema}
         return kwargs
+
+    def _send_extras(self) -> bool:
+        """Whether to send :attr:`sampling_extras`: to vLLM (its model cards say ``owned_by: "vllm"``), and to a
+        server not asked about its models yet until it refuses them; not to a server whose cards say otherwise."""
+        if not self.sampling_extras or self.sampling_extras_supported is False:
+            return False
+        return self._cards is None or any(card.get("owned_by") == "vllm" for card in self._cards.values())
 
     def stream(
         self, messages: list[Message], *, max_tokens: int = 512, json_schema: dict | None = None
@@ -397,12 +409,11 @@ class OpenAIBackend:
             max_tokens: most tokens to generate.
             json_schema: ``{"name": ..., "schema": ...}`` for ``response_format`` (dropped if the server refuses it).
 
-        Raises:
-            LVLMTruncated: after the last piece, when the reply stopped at ``max_tokens`` (its pieces were already
-                yielded, so it is not asked again; ``partial`` holds them).
+        A reply cut at ``max_tokens`` is not asked again (its pieces are already out); :attr:`last_finish_reason`
+        says ``"length"`` then, for the caller to tell the reader.
         """
+        self.last_finish_reason = None
         chunks, used = self._create(messages, max_tokens, json_schema, stream=True)
-        pieces: list[str] = []
         finish = None
         try:
             for chunk in chunks:
@@ -411,43 +422,44 @@ class OpenAIBackend:
                 choice = chunk.choices[0]
                 piece = choice.delta.content if choice.delta is not None else None
                 if piece:
-                    pieces.append(piece)
                     yield piece
                 finish = choice.finish_reason or finish
         except LVLMError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise self._describe(exc) from exc
+        self.last_finish_reason = finish
         if finish == "length":
-            raise LVLMTruncated(
-                f"truncated: the answer hit the {used}-token limit; raise --lvlm-max-tokens",
-                max_tokens=used,
-                partial="".join(pieces),
-            )
+            logger.info("%s: the streamed answer hit the %d-token limit", self.base_url, used)
 
     def complete(self, messages: list[Message], *, max_tokens: int = 512, json_schema: dict | None = None) -> str:
         """The whole reply text (non-streaming request). A reply cut at ``max_tokens`` is asked again once with twice
-        the tokens, capped by the room the model's context leaves (see :meth:`context_length`).
+        the tokens when the server reports its context length (vLLM), capped by the room the context leaves.
 
         Raises:
-            LVLMTruncated: the reply was cut again, or there was no room to ask for more.
+            LVLMTruncated: the reply was cut (again); ``partial`` holds its text.
         """
+        self.last_finish_reason = None
         response, used = self._create(messages, max_tokens, json_schema, stream=False)
         content, finish = self._reply(response)
+        self.last_finish_reason = finish
         if finish != "length":
             return content
         more = self._more_tokens(used, getattr(getattr(response, "usage", None), "prompt_tokens", None))
         if more is None:
             context = self.context_length()
+            why = (
+                f"and the model's {context}-token context has no room for more (vLLM --max-model-len)"
+                if context
+                else "(raise --lvlm-max-tokens)"
+            )
             raise LVLMTruncated(
-                f"truncated: the answer hit the {used}-token limit and the model's {context}-token context has no "
-                f"room for more (vLLM --max-model-len); use smaller pictures (--max-image-side) or a longer context",
-                max_tokens=used,
-                partial=content,
+                f"truncated: the answer hit the {used}-token limit {why}", max_tokens=used, partial=content
             )
         logger.info("%s: the reply hit the %d-token limit; asking once more with %d", self.base_url, used, more)
         response, used = self._create(messages, more, json_schema, stream=False)
         content, finish = self._reply(response)
+        self.last_finish_reason = finish
         if finish == "length":
             raise LVLMTruncated(
                 f"truncated: the answer hit the {used}-token limit, also when asked again with more tokens; "
@@ -466,12 +478,12 @@ class OpenAIBackend:
             raise LVLMBadReply(f"the LVLM server {self.base_url} sent a chat completion without choices") from exc
 
     def _more_tokens(self, max_tokens: int, prompt_tokens: int | None) -> int | None:
-        """Twice ``max_tokens``, capped by the context room when the server reports both numbers; None when that is
-        not more than ``max_tokens``."""
-        want = 2 * max_tokens
+        """Twice ``max_tokens``, capped by the room left in the context; None when the server does not report both
+        its context length and the prompt's tokens, or when no more than ``max_tokens`` fit."""
         context = self.context_length() if isinstance(prompt_tokens, int) else None
-        if context is not None and isinstance(prompt_tokens, int):
-            want = min(want, context - prompt_tokens)
+        if context is None or prompt_tokens is None:
+            return None
+        want = min(2 * max_tokens, context - prompt_tokens)
         return want if want > max_tokens else None
 
     # ------------------------------------------------------------------ errors
