@@ -310,6 +310,8 @@ class Conversation:
         """The request for a new user turn within the budget, and a notice when history was dropped or the
         anchor (system + first exchange + this turn) alone does not fit (then the request is None)."""
         t = prompts()["template"]
+        if self.budget <= 0:
+            return None, t["no_room"].format(context=self.context_tokens, answer=self.max_tokens).strip()
         anchor, rest = self.messages[:3], self.messages[3:]
         need = estimate_tokens([*anchor, user])
         if need > self.budget:
