@@ -99,3 +99,17 @@ def test_lvlm_mode_usage_errors_come_before_any_model(dataset, tmp_path, capsys)
         err = capsys.readouterr().err
         assert message in err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_blind_only_skips_the_evidence_path(dataset, tmp_path, fake, capsys):
+    fake.replies = ["No, there are no anomalies in the image."]
+    out = tmp_path / "m.json"
+    assert main(_eval(dataset, out, "--lvlm", f"openai:{fake.url}#fake-vlm", "--lvlm-mode", "blind")) == 0
+    assert "LVLM grounded" not in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["lvlm_eval"]["grounded"] is None
+    assert payload["lvlm_verdicts"] is None
+    blind = payload["lvlm_eval"]["blind"]["overall"]
+    assert blind["yes_rate"] == 0.0
+    assert blind["accuracy"] == pytest.approx(2 / 5)
+    assert len(fake.chat_requests()) == 5  # one blind question per image, no report requests
