@@ -25,7 +25,8 @@ PACKAGES = ["vlad", "webui"]
 #   is a model wrapper like the backbones (loads weights, needs only errors/regions/data), and the FiLo scorer uses
 #   a detector to find the object, so it must be below the scorers.
 # - checkpoints (importing official Crane/AnomalyCLIP releases as adapters) and prompt_learner (the trainable text
-#   prompts, shared by adapters and training) go with scorers/adapters/training.
+#   prompts, shared by adapters and training) go with scorers/adapters/training, and so does training_lvlm (LoRA on
+#   the explainer's language model; explain.backends reads its adapter check).
 # - the ``vlad`` package itself is the public facade (vlad.Detector, vlad.get_scorer): the pipeline layer. Library
 #   modules take ``__version__`` from vlad._version, never from ``vlad``.
 # - the command-line modules and the web UI are the top layer; ``vlad.cli.common`` holds what they share.
@@ -49,7 +50,14 @@ LAYERS = Layers(
         ("backbones/concepts/grounding", ["vlad.backbones*", "vlad.laft", "vlad.grounding*"]),
         (
             "scorers/adapters/training",
-            ["vlad.scorers*", "vlad.adapters", "vlad.prompt_learner", "vlad.checkpoints", "vlad.training"],
+            [
+                "vlad.scorers*",
+                "vlad.adapters",
+                "vlad.prompt_learner",
+                "vlad.checkpoints",
+                "vlad.training",
+                "vlad.training_lvlm",
+            ],
         ),
         ("rules/lvlm/explain", ["vlad.rules*", "vlad.explain*"]),
         ("pipeline/api", ["vlad", "vlad.api", "vlad.pipeline"]),

@@ -58,14 +58,16 @@ def _evaluate_category(
     args: argparse.Namespace,
     tracker: Any = None,
     maps_dir: Path | None = None,
+    lvlm_eval: Any = None,
 ) -> dict[str, Any]:
     """Scores one category and computes its metrics.
 
     Image metrics use every scored image; pixel metrics use the normal images (all-zero masks) and the anomalous images
     that have a mask, and are NaN with a ``pixel_metrics_note`` when no anomalous image has one. With ``maps_dir``,
-    each raw map is saved at the input resolution as ``maps_dir/<category>/<defect>/<stem>.npy``.
+    each raw map is saved at the input resolution as ``maps_dir/<category>/<defect>/<stem>.npy``. With ``lvlm_eval``
+    (:class:`~vlad.explain.lvlm_eval.LVLMEvaluation`), each image's blind / grounded LVLM verdict is recorded too.
     """
-    from vlad.data import load_mask
+    from vlad.data import load_image, load_mask
     from vlad.metrics import compute_image_metrics, compute_pixel_metrics
     from vlad.metrics._summary import PIXEL_METRICS
 
@@ -79,8 +81,13 @@ def _evaluate_category(
             failed.append({"path": str(s.path), "error": record.error})
             continue
         result = record.result
+        report = (record.explanation or {}).get("report")
         if tracker is not None:
-            tracker.add(s.category, s.label, (record.explanation or {}).get("report"))
+            tracker.add(s.category, s.label, report)
+        lvlm_row = {}
+        if lvlm_eval is not None:
+            image = load_image(s.path) if lvlm_eval.needs_image else None
+            lvlm_row = lvlm_eval.observe(s.category, s.label, image=image, detector=result.pred_label, report=report)
         scores.append(result.pred_score)
         labels.append(s.label)
         maps.append(_resize_map(result.anomaly_map, size))
@@ -99,6 +106,7 @@ def _evaluate_category(
                 "pred_score": float(result.pred_score),
                 "mask": str(s.mask_path) if s.mask_path else None,
                 "map": str(map_path) if map_path else None,
+                **lvlm_row,
             }
         )
     keep, bad = np.array(pixel_ok, bool), np.array(labels, int) == 1
@@ -197,17 +205,20 @@ def run_eval(args: argparse.Namespace) -> int:
     by_category: dict[str, list[Any]] = defaultdict(list)
     for s in samples:
         by_category[s.category].append(s)
-    explain = tracker = None
+    explain = tracker = lvlm_eval = None
+    _check_lvlm_mode(args)
     if args.lvlm:
         from vlad.cli.chat import explain_options
         from vlad.explain.verdicts import VerdictTracker
 
         explain = explain_options(args)
         explain.check()
-        tracker = VerdictTracker()
+        tracker = VerdictTracker() if args.lvlm_mode != "blind" else None
     # concept rules change prompts / features and so the scores; region and verdict rules change labels only,
     # which the threshold-free metrics below do not read
-    det = build_detector(args, explain=explain, rules=rules)
+    det = build_detector(args, explain=explain if tracker is not None else None, rules=rules)
+    if args.lvlm:
+        lvlm_eval = _lvlm_evaluation(args, det)
     scorer = det.scorer
     started = time.perf_counter()
     results: dict[str, Any] = {}
@@ -218,14 +229,14 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             det.clear_references()
         picked = _limit(items, args.limit, args.seed)
-        results[category] = _evaluate_category(det, picked, name, args, tracker, maps_dir)
+        results[category] = _evaluate_category(det, picked, name, args, tracker, maps_dir, lvlm_eval)
     images = [record for r in results.values() for record in r.pop("images")]
     per_category = {c: r["metrics"] for c, r in results.items()}
     mean = macro_mean(per_category)
     notes = {c: r["pixel_metrics_note"] for c, r in results.items() if r["pixel_metrics_note"]}
     _print_metrics(per_category, mean, notes)
-    if tracker is not None:
-        print(f"\nlanguage-model verdicts ({args.lvlm}):\n{tracker.format_table()}")
+    if lvlm_eval is not None:
+        print(f"\nlanguage-model verdicts ({args.lvlm}, {args.lvlm_mode}):\n{lvlm_eval.format_tables()}")
     failed = sum(len(r["failed"]) for r in results.values())
     payload = {
         "settings": {
@@ -246,6 +257,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "pixel_metrics_note": "; ".join(f"{c}: {n}" for c, n in notes.items()) or None,
         "images": images,
         "lvlm_verdicts": None if tracker is None else {"lvlm": args.lvlm, **tracker.summary()},
+        "lvlm_eval": None if lvlm_eval is None else {"lvlm": args.lvlm, **lvlm_eval.summary()},
         "seconds": round(time.perf_counter() - started, 2),
         "warnings": list(scorer.warnings()) + prompt_overlap_warnings(scorer, samples),
     }
@@ -260,6 +272,34 @@ def run_eval(args: argparse.Namespace) -> int:
     if failed:
         print(f"vlad eval: {failed} images could not be read (listed in the JSON)", file=sys.stderr)
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _check_lvlm_mode(args: argparse.Namespace) -> None:
+    """``--lvlm-mode`` needs ``--lvlm``, and blind needs a model (checked before any model loads)."""
+    if args.lvlm_mode is None:
+        args.lvlm_mode = "grounded"
+    elif not args.lvlm:
+        raise UsageError(f"--lvlm-mode {args.lvlm_mode} needs --lvlm SPEC (a language model to ask)")
+    if args.lvlm and args.lvlm_mode != "grounded":
+        from vlad.explain.backends import parse_backend_spec
+
+        if parse_backend_spec(args.lvlm).kind == "template":
+            raise UsageError(
+                f"--lvlm-mode {args.lvlm_mode} needs a language model (--lvlm openai:... or transformers:...); "
+                "the template has no opinion of its own"
+            )
+
+
+def _lvlm_evaluation(args: argparse.Namespace, det: Any) -> Any:
+    """The blind / grounded LVLM verdict collector; blind asks the pipeline's own backend when it has one."""
+    from vlad.explain.backends import load_backend
+    from vlad.explain.lvlm_eval import LVLMEvaluation
+
+    backend = None
+    if args.lvlm_mode in ("blind", "both"):
+        explainer = det.explainer
+        backend = explainer.backend() if explainer is not None else load_backend(args.lvlm, timeout=args.lvlm_timeout)
+    return LVLMEvaluation(args.lvlm_mode, backend)
 
 
 def _clean(obj: Any) -> Any:
@@ -313,7 +353,15 @@ def register(subparsers: Any) -> dict[str, Any]:
     add_model_options(e)
     add_adapter_option(e)
     add_rules_option(e)
-    add_lvlm_options(e.add_argument_group("language-model verdicts (optional)"))
+    lvlm = e.add_argument_group("language-model verdicts (optional)")
+    add_lvlm_options(lvlm)
+    lvlm.add_argument(
+        "--lvlm-mode",
+        default=None,
+        choices=["blind", "grounded", "both"],
+        help="blind: the model sees only the photo and is asked yes/no; grounded (default): it reads vlad's "
+        "evidence and reports its own verdict; both",
+    )
     e.set_defaults(lvlm=None)
 
     return {"eval": run_eval}

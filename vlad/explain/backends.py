@@ -6,6 +6,8 @@
   else ``EMPTY`` (local servers ignore it). Without ``#model`` the first model ``/v1/models`` lists is used.
 - ``transformers:<model id or local folder>`` -- in process, any image-text-to-text model transformers loads with
   ``AutoModelForImageTextToText`` (Qwen2-VL, LLaVA, ...), on CPU or GPU.
+- ``transformers:<base>+lora:<adapter folder>`` -- the same with a peft LoRA adapter on top (e.g. one trained by
+  ``vlad train-lvlm``).
 
 A model backend (``is_model`` True) offers ``stream(messages, max_tokens=..., json_schema=...)`` yielding text
 chunks, ``complete(...)`` returning the whole reply, and ``check()`` (a list of ``(item, ok, detail)`` rows for
@@ -45,7 +47,11 @@ from vlad.explain.template import TemplateBackend
 
 logger = logging.getLogger(__name__)
 
-SPEC_FORMS = "template, openai:<base_url>[#model] (e.g. openai:http://127.0.0.1:8000/v1), transformers:<model or dir>"
+SPEC_FORMS = (
+    "template, openai:<base_url>[#model] (e.g. openai:http://127.0.0.1:8000/v1), transformers:<model or dir>, "
+    "transformers:<model or dir>+lora:<adapter dir>"
+)
+LORA_SEPARATOR = "+lora:"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 2
 Message = dict[str, Any]
@@ -80,20 +86,23 @@ class ModelBackend(LVLMBackend, Protocol):
 @dataclass(frozen=True)
 class BackendSpec:
     """A parsed backend spec: ``kind`` is ``template``, ``openai`` or ``transformers``; ``target`` the URL or model;
-    ``model`` the model named after ``#`` (openai only)."""
+    ``model`` the model named after ``#`` (openai only); ``adapter`` the LoRA folder after ``+lora:`` (transformers
+    only)."""
 
     kind: str
     target: str = ""
     model: str | None = None
+    adapter: str | None = None
 
     def __str__(self) -> str:
         if self.kind == "template":
             return "template"
-        return f"{self.kind}:{self.target}" + (f"#{self.model}" if self.model else "")
+        lora = f"{LORA_SEPARATOR}{self.adapter}" if self.adapter else ""
+        return f"{self.kind}:{self.target}" + (f"#{self.model}" if self.model else "") + lora
 
 
 def parse_backend_spec(spec: str) -> BackendSpec:
-    """Parses ``template``, ``openai:URL[#model]`` or ``transformers:MODEL``.
+    """Parses ``template``, ``openai:URL[#model]``, ``transformers:MODEL`` or ``transformers:MODEL+lora:ADAPTER``.
 
     Raises:
         ConfigError: for any other form, naming the accepted ones.
@@ -110,7 +119,10 @@ def parse_backend_spec(spec: str) -> BackendSpec:
             )
         return BackendSpec("openai", url.rstrip("/"), model.strip() or None)
     if sep and kind == "transformers" and rest.strip():
-        return BackendSpec("transformers", rest.strip())
+        model, lora, adapter = rest.partition(LORA_SEPARATOR)
+        if lora and not (model.strip() and adapter.strip()):
+            raise ConfigError(f"--lvlm {spec!r}: write transformers:<model or dir>+lora:<adapter dir>")
+        return BackendSpec("transformers", model.strip(), adapter=adapter.strip() or None)
     hint = " (did you mean openai:" + text + "?)" if text.startswith(("http://", "https://")) else ""
     raise ConfigError(f"--lvlm {spec!r} is not a backend spec{hint}; accepted: {SPEC_FORMS}")
 
@@ -134,7 +146,11 @@ def load_backend(
         return TemplateBackend()
     if parsed.kind == "openai":
         return OpenAIBackend(parsed.target, parsed.model, timeout=timeout, max_retries=max_retries)
-    return TransformersBackend(parsed.target, device=device, timeout=timeout)
+    if parsed.adapter is not None:
+        from vlad.training_lvlm import read_adapter_config
+
+        read_adapter_config(parsed.adapter)  # a bad folder is a one-line error now, before any model loads
+    return TransformersBackend(parsed.target, device=device, timeout=timeout, adapter=parsed.adapter)
 
 
 def api_key() -> str:
@@ -666,8 +682,11 @@ class TransformersBackend:
     is_model = True
     response_format_supported = False
 
-    def __init__(self, model_id: str, *, device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, model_id: str, *, device: str = "auto", timeout: float = DEFAULT_TIMEOUT, adapter: str | None = None
+    ) -> None:
         self.model_id = model_id
+        self.adapter = adapter
         self.device_name = device
         self.timeout = float(timeout)
         self._model: Any = None
@@ -676,7 +695,7 @@ class TransformersBackend:
 
     @property
     def spec(self) -> str:
-        return f"transformers:{self.model_id}"
+        return f"transformers:{self.model_id}" + (f"{LORA_SEPARATOR}{self.adapter}" if self.adapter else "")
 
     def _load(self) -> tuple[Any, Any]:
         with self._lock:
@@ -704,7 +723,19 @@ class TransformersBackend:
             raise LVLMUnavailable(
                 f"cannot load transformers model {self.model_id!r} {where}: {_one_line(exc, 160)}"
             ) from exc
+        if self.adapter is not None:
+            model = self._with_adapter(model)
         return model.to(device).eval(), processor
+
+    def _with_adapter(self, model: Any) -> Any:
+        """The model with the peft LoRA adapter of ``+lora:`` loaded on top (not merged)."""
+        peft = require("peft", "train", what="--lvlm transformers:...+lora:...")
+        try:
+            return peft.PeftModel.from_pretrained(model, self.adapter, is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise LVLMUnavailable(
+                f"cannot load LoRA adapter {self.adapter!r} on {self.model_id!r}: {_one_line(exc, 160)}"
+            ) from exc
 
     def _inputs(self, messages: list[Message]) -> Any:
         model, processor = self._load()
@@ -761,6 +792,8 @@ class TransformersBackend:
         except LVLMError as exc:
             return [("model", False, str(exc))]
         rows: list[CheckRow] = [("model", True, f"{self.model_id} loaded ({type(model).__name__} on {model.device})")]
+        if self.adapter is not None:
+            rows.append(("adapter", True, f"LoRA adapter {self.adapter} loaded on top"))
         has_images = getattr(processor, "image_processor", None) is not None
         rows.append(("images", has_images, "image processor present" if has_images else "no image processor"))
         rows.append(("response_format", False, "not available in process; the schema is described in the prompt"))
