@@ -136,9 +136,10 @@ def _area_and_peak(amap: np.ndarray, labels: np.ndarray, slices: list) -> tuple[
     """Pixel count and peak map value of every component, each of shape (count,) indexed by ``label - 1``.
 
     ``labels`` is the (H, W) int output of :func:`scipy.ndimage.label` (every label in ``1..count`` has a pixel),
-    ``slices`` its :func:`scipy.ndimage.find_objects`. These are the only statistics needed for every component (mean and centroid are computed for the kept regions
-    only), so a 4200 x 4200 map takes a fraction of a second: few components are measured inside their bounding
-    boxes; many (a noisy mask) in one pass, grouped by a linear-time sort of the labels where they fit 16 bits.
+    ``slices`` its :func:`scipy.ndimage.find_objects`. These are the only statistics needed for every component (mean
+    and centroid are computed for the kept regions only), so a 4200 x 4200 map takes a fraction of a second: few
+    components are measured inside their bounding boxes; many (a noisy mask) in one pass, grouped by a linear-time
+    sort of the labels where they fit 16 bits.
     """
     count = len(slices)
     if count <= FEW_COMPONENTS:

@@ -293,12 +293,14 @@ class Scorer:
         maximum the highest tile map value."""
         if object_name not in self._calibrated_tiled:
             refs, tiles, owner = self._references, self._tile_refs, self._tile_owner
-            assert refs is not None and tiles is not None and owner is not None  # guarded by few_shot and fit
+            if refs is None or tiles is None or owner is None:  # guarded by few_shot and fit
+                raise ConfigError(f"scorer {self.name} has no tiled references to calibrate on")
             scores, maxima = [], []
             for i in range(self._n_references):
                 keep = torch.ones(self._n_references, dtype=torch.bool)
                 keep[i] = False
-                whole, _ = self._score({k: v[i : i + 1] for k, v in refs.items()}, object_name, self._memory(refs, keep))
+                one = {k: v[i : i + 1] for k, v in refs.items()}
+                whole, _ = self._score(one, object_name, self._memory(refs, keep))
                 mine = owner == i
                 s, m = self._score({k: v[mine] for k, v in tiles.items()}, object_name, self._memory(tiles, ~mine))
                 scores.append(max(float(whole[0]), float(s.max())))
