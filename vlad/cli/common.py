@@ -65,7 +65,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--tile",
-        type=_tile_option,
+        type=tile_option,
         default=None,
         metavar="SIZE|auto",
         help="score large images as overlapping tiles of SIZE pixels, or auto (tiles of 2 model inputs for images "
@@ -80,7 +80,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _tile_option(text: str) -> int | str | None:
+def tile_option(text: str) -> int | str | None:
     from vlad.scorers.tiling import Tiling
 
     try:
