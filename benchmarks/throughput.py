@@ -60,7 +60,7 @@ def _run_detect(folder: Path, out: Path, args: argparse.Namespace) -> dict:
     """Run ``vlad detect`` on a folder; wall seconds, peak RSS (MiB) of that process, and the report rows."""
     cmd = [sys.executable, "-m", "vlad.cli", "detect", str(folder), "--object", "part", "--scorer", args.scorer]
     cmd += ["--backbone", args.backbone, "--batch-size", str(args.batch), "--out", str(out), "--format", "json"]
-    cmd += ["--device", args.device]
+    cmd += ["--device", args.device] + (["--tile", args.tile] if args.tile else [])
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--kinds", default="small,4k", help="comma-separated: small, 4k")
+    p.add_argument("--tile", default=None, help="vlad detect --tile for the run (SIZE or auto)")
     args = p.parse_args(argv)
     if args.scorer in ("laft", "musc"):
         raise SystemExit(f"{args.scorer} needs references or batch members; benchmark it with speed.py")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         scorer_only = speed.main(
             ["--scorer", args.scorer, "--backbone", args.backbone, "--batch", str(args.batch), "--device", args.device]
         )
-    out: dict = {"scorer": args.scorer, "backbone": args.backbone, "batch": args.batch, "n": args.n}
+    out: dict = {"scorer": args.scorer, "backbone": args.backbone, "batch": args.batch, "n": args.n, "tile": args.tile}
     out["scorer_only_images_per_s"] = scorer_only["images_per_s"]
     with tempfile.TemporaryDirectory(prefix="vlad-throughput-") as tmp:
         for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
