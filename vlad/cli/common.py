@@ -280,8 +280,10 @@ def engine_options(args: argparse.Namespace) -> Any:
             if getattr(args, option, None):
                 raise UsageError(f"--{option.replace('_', '-')} needs --engine ray")
         return None
+    from vlad._optional import require
     from vlad.distributed import RayOptions
 
+    require("ray", "ray", what="--engine ray")  # now, not after the model has loaded
     options = RayOptions(args.ray_address, args.workers, args.gpus_per_worker, args.cpus_per_worker)
     options.check()
     return options
