@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import tempfile
@@ -66,21 +67,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=224, help="model input side (and the images' side)")
     p.add_argument("--images", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="default: what lets 2 workers and a decode task fit (at most 1)",
+    )
     args = p.parse_args(argv)
 
     import ray
 
-    from vlad.distributed import Group, RayOptions, ray_inspect
+    from vlad.distributed import DECODE_CPUS, Group, RayOptions, ray_inspect
 
+    cpus = os.cpu_count() or 1
+    if args.cpus_per_worker is None:
+        args.cpus_per_worker = min(1.0, math.floor(100 * (cpus - DECODE_CPUS) / 2) / 100)
     factory = functools.partial(_detector, args.scorer, args.backbone, args.size)
     result: dict = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}"}
-    result.update({"cpus": os.cpu_count(), **{k: v for k, v in vars(args).items()}})
+    result.update({"cpus": cpus, **{k: v for k, v in vars(args).items()}})
     with tempfile.TemporaryDirectory() as tmp:
         group = Group("bench", "part", _images(Path(tmp), args.images, args.size))
         det = factory()
         result["local"] = _measure(det.iter_inspect(group.paths, "part"))
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
         try:
             for workers in (1, 2):
                 options = RayOptions(workers=workers, cpus_per_worker=args.cpus_per_worker)

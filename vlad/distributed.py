@@ -17,6 +17,7 @@ Ray is imported only when this engine runs (``pip install 'vlad[ray]'``).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -132,6 +133,7 @@ def ray_inspect(
     if not items:
         return
     with ray_session(options) as ray:
+        _check_capacity(ray.cluster_resources(), options)
         shared = [ray.put({g.key: (g.object_name, list(g.references)) for g in groups})]
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * options.workers * 8))
         ds = ds.map(_decode, num_cpus=DECODE_CPUS)
@@ -154,6 +156,27 @@ def ray_inspect(
             seen.add(ident)
             record, overlay, legend = pickle.loads(row["payload"])
             yield RemoteRecord(ident[0], record, overlay, legend)
+
+
+def _check_capacity(resources: dict[str, float], options: RayOptions) -> None:
+    """The pool and one decode task must fit, or Ray waits forever: an error on a fixed-size (local) Ray, a warning
+    on a cluster (an autoscaler may add nodes)."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    n, problems = options.workers, []
+    if n * options.cpus_per_worker + DECODE_CPUS > cpus:
+        fit = math.floor(100 * max(cpus - DECODE_CPUS, 0) / n) / 100
+        problems.append(
+            f"--workers {n} x --cpus-per-worker {options.cpus_per_worker:g} and {DECODE_CPUS} CPU for decoding "
+            f"do not fit in this Ray's {cpus:g} CPUs (try --cpus-per-worker {fit:g} or fewer workers)"
+        )
+    if n * options.gpus_per_worker > gpus:
+        problems.append(
+            f"--workers {n} x --gpus-per-worker {options.gpus_per_worker:g} do not fit in this Ray's {gpus:g} GPUs"
+        )
+    if problems and options.address is None:
+        raise ConfigError("; ".join(problems))
+    for problem in problems:
+        logger.warning("%s; waiting for the cluster to grow", problem)
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:

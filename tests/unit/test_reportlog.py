@@ -97,3 +97,17 @@ def test_engine_ray_without_ray_says_how_to_install_it(monkeypatch, sample_image
     args = ["detect", str(sample_images), "--object", "x", "--backbone", "random:tiny", "--out", str(tmp_path)]
     assert main([*args, "--engine", "ray"]) == 2
     assert "--engine ray needs the 'ray' package: pip install 'vlad[ray]'" in capsys.readouterr().err
+
+
+def test_a_pool_that_cannot_fit_is_an_error_on_a_local_ray_not_a_hang(caplog):
+    from vlad.distributed import RayOptions, _check_capacity
+
+    two_cpus = {"CPU": 2.0}
+    _check_capacity(two_cpus, RayOptions(workers=1))
+    _check_capacity(two_cpus, RayOptions(workers=2, cpus_per_worker=0.75))
+    with pytest.raises(ConfigError, match=r"in this Ray's 2 CPUs \(try --cpus-per-worker 0.87 or fewer workers\)"):
+        _check_capacity(two_cpus, RayOptions(workers=2))
+    with pytest.raises(ConfigError, match="--workers 1 x --gpus-per-worker 1 do not fit in this Ray's 0 GPUs"):
+        _check_capacity(two_cpus, RayOptions(gpus_per_worker=1))
+    _check_capacity(two_cpus, RayOptions(address="auto", workers=4))  # a cluster may grow: a warning
+    assert "waiting for the cluster to grow" in caplog.text
