@@ -31,11 +31,12 @@ class FakeOpenAI:
         models: ids ``/v1/models`` lists.
         replies: texts (or functions of the request body) returned in order; the last one repeats.
         mode: ``ok``, ``500``, ``garbage`` (200 with a non-JSON body), ``empty`` (200 with ``{}``), ``slow``
-            (sleep ``delay`` s, then answer), ``reject_response_format`` (HTTP 400 naming response_format when it is
-            sent, as older ``transformers serve`` and some proxies do), ``no_images`` (HTTP 400 for image parts),
-            ``reject_schema`` (HTTP 400 with xgrammar's message when a JSON schema is sent) and ``strict_fields``
-            (HTTP 422 "Unexpected fields in the request" for fields outside the OpenAI schema, as ``transformers
-            serve`` answers ``top_k``).
+            (sleep ``delay`` s, then answer), ``down`` (drop every connection without an answer, as a crashed
+            server does; :meth:`kill` also stops listening), ``reject_response_format`` (HTTP 400 naming
+            response_format when it is sent, as older ``transformers serve`` and some proxies do), ``no_images``
+            (HTTP 400 for image parts), ``reject_schema`` (HTTP 400 with xgrammar's message when a JSON schema is
+            sent) and ``strict_fields`` (HTTP 422 "Unexpected fields in the request" for fields outside the OpenAI
+            schema, as ``transformers serve`` answers ``top_k``).
         requests: recorded ``(path, body)`` of every request.
         headers: the HTTP headers of every request, in the same order.
         max_model_len: listed in each model card (vLLM) and enforced when ``chars_per_token`` is set.
@@ -83,6 +84,11 @@ class FakeOpenAI:
             "vllm",
         )
         return self
+
+    def kill(self) -> None:
+        """Go down the way a crashed server does: open connections are dropped, new ones refused."""
+        self.mode = "down"
+        self.stop()
 
     def chat_requests(self) -> list[dict[str, Any]]:
         return [body for path, body in self.requests if path == "/v1/chat/completions"]
@@ -187,6 +193,9 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self._send(code, json.dumps(obj).encode())
 
         def do_GET(self) -> None:  # noqa: N802
+            if fake.mode == "down":
+                self.close_connection = True
+                return
             fake.requests.append((self.path, {}))
             fake.headers.append({k.lower(): v for k, v in self.headers.items()})
             if self.path.rstrip("/") == "/v1/models":
@@ -202,6 +211,9 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
+            if fake.mode == "down":
+                self.close_connection = True
+                return
             fake.requests.append((self.path, body))
             fake.headers.append({k.lower(): v for k, v in self.headers.items()})
             if self.path.rstrip("/") != "/v1/chat/completions":

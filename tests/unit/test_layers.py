@@ -29,6 +29,8 @@ PACKAGES = ["vlad", "webui"]
 #   the explainer's language model; explain.backends reads its adapter check).
 # - the ``vlad`` package itself is the public facade (vlad.Detector, vlad.get_scorer): the pipeline layer. Library
 #   modules take ``__version__`` from vlad._version, never from ``vlad``.
+# - reportlog (a run's report.jsonl and files, resumable, local or fsspec) and distributed (the Ray engine) sit with
+#   the pipeline they drive: every engine calls Detector.iter_inspect and writes rows through reportlog.
 # - the command-line modules and the web UI are the top layer; ``vlad.cli.common`` holds what they share.
 LAYERS = Layers(
     [
@@ -60,7 +62,7 @@ LAYERS = Layers(
             ],
         ),
         ("rules/lvlm/explain", ["vlad.rules*", "vlad.explain*"]),
-        ("pipeline/api", ["vlad", "vlad.api", "vlad.pipeline"]),
+        ("pipeline/api", ["vlad", "vlad.api", "vlad.pipeline", "vlad.reportlog", "vlad.distributed"]),
         ("cli/webui", ["vlad.cli", "vlad.cli.*", "webui*"]),
     ]
 )

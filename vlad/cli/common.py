@@ -299,3 +299,34 @@ def load_references(refs: Sequence[str]) -> list[Any]:
         return [load_image(f) for f in files]
     except ImageLoadError as exc:
         raise UsageError(f"--refs: {exc}") from exc
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The ``engine`` option group of ``detect`` and ``eval``: local (default) or a Ray cluster."""
+    g = p.add_argument_group("engine (scale out; see docs/scaling.md)")
+    g.add_argument("--engine", choices=["local", "ray"], default="local", help="local (this process) or ray")
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="ray only: auto (the cluster this machine is part of), ray://HOST:10001 (Ray Client, e.g. KubeRay); "
+        "default: a local Ray",
+    )
+    g.add_argument("--workers", type=positive_int, default=1, help="ray only: actors, each loading the models once")
+    g.add_argument("--gpus-per-worker", type=finite_float, default=0.0, help="ray only: GPUs per actor (0.5 shares)")
+    g.add_argument("--cpus-per-worker", type=finite_float, default=1.0, help="ray only: CPUs per actor")
+
+
+def engine_options(args: argparse.Namespace) -> Any:
+    """The :class:`vlad.distributed.RayOptions` of ``--engine ray`` (checked), or None for the local engine."""
+    if getattr(args, "engine", "local") != "ray":
+        for option in ("ray_address", "gpus_per_worker"):
+            if getattr(args, option, None):
+                raise UsageError(f"--{option.replace('_', '-')} needs --engine ray")
+        return None
+    from vlad._optional import require
+    from vlad.distributed import RayOptions
+
+    require("ray", "ray", what="--engine ray")  # now, not after the model has loaded
+    options = RayOptions(args.ray_address, args.workers, args.gpus_per_worker, args.cpus_per_worker)
+    options.check()
+    return options

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -20,9 +21,11 @@ from vlad.cli.common import (
     EXIT_PARTIAL,
     Progress,
     UsageError,
+    add_engine_options,
     add_model_options,
     build_detector,
     check_options,
+    engine_options,
     save_map,
     unique_name,
 )
@@ -59,6 +62,7 @@ def _evaluate_category(
     tracker: Any = None,
     maps_dir: Path | None = None,
     lvlm_eval: Any = None,
+    records: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Scores one category and computes its metrics.
 
@@ -66,6 +70,7 @@ def _evaluate_category(
     that have a mask, and are NaN with a ``pixel_metrics_note`` when no anomalous image has one. With ``maps_dir``,
     each raw map is saved at the input resolution as ``maps_dir/<category>/<defect>/<stem>.npy``. With ``lvlm_eval``
     (:class:`~vlad.explain.lvlm_eval.LVLMEvaluation`), each image's blind / grounded LVLM verdict is recorded too.
+    ``records``: the samples' records when another engine scored them.
     """
     from vlad.data import load_image, load_mask
     from vlad.metrics import compute_image_metrics, compute_pixel_metrics
@@ -75,7 +80,8 @@ def _evaluate_category(
     scores, labels, maps, masks, pixel_ok, images, failed = [], [], [], [], [], [], []
     used: dict[Path, set[str]] = defaultdict(set)
     category = samples[0].category if samples else name
-    records = det.inspect_many([str(s.path) for s in samples], name, progress=Progress("eval", category))
+    if records is None:  # else scored already (--engine ray), in the order of samples
+        records = det.inspect_many([str(s.path) for s in samples], name, progress=Progress("eval", category))
     for s, record in zip(samples, records, strict=True):
         if not record.ok:
             failed.append({"path": str(s.path), "error": record.error})
@@ -193,12 +199,40 @@ def _check_json_out(out: str | None) -> None:
         raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
 
 
+def _ray_records(
+    det: Any, picked: dict[str, list[Any]], args: argparse.Namespace, options: Any, explain: Any, rules: Any
+) -> dict[str, list[Any]]:
+    """Every category's records, scored on a Ray actor pool (each category one group with its references)."""
+    from vlad.data import prompt_name, reference_images
+    from vlad.distributed import Group, ray_inspect
+
+    groups = [
+        Group(
+            category,
+            prompt_name(category),
+            [str(s.path) for s in samples],
+            reference_images(args.root, args.layout, category, args.shots, seed=args.seed) if args.shots > 0 else [],
+        )
+        for category, samples in picked.items()
+    ]
+    records: dict[str, list[Any]] = {g.key: [None] * len(g.paths) for g in groups}
+    factory = functools.partial(build_detector, args, explain=explain, rules=rules)
+    progress, total = Progress("eval", "all categories"), sum(len(g.paths) for g in groups)
+    scorer = det.scorer
+    remote = ray_inspect(factory, groups, options, transductive=scorer.transductive, batch_size=scorer.batch_size)
+    for done, item in enumerate(remote, 1):
+        records[item.group][item.record.index] = item.record
+        progress(done, total)
+    return records
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from vlad.data import load_dataset, prompt_name, reference_images
     from vlad.data.defects import prompt_overlap_warnings
     from vlad.metrics import macro_mean
 
     rules = check_options(args, has_references=args.shots > 0)
+    engine = engine_options(args)
     _check_json_out(args.out)
     maps_dir = _eval_maps_dir(args)
     samples = load_dataset(args.root, args.layout, args.category, split="test")
@@ -222,14 +256,19 @@ def run_eval(args: argparse.Namespace) -> int:
     scorer = det.scorer
     started = time.perf_counter()
     results: dict[str, Any] = {}
-    for category, items in sorted(by_category.items()):
+    picked = {c: _limit(items, args.limit, args.seed) for c, items in sorted(by_category.items())}
+    remote = _ray_records(det, picked, args, engine, explain, rules) if engine is not None else {}
+    for category, items in picked.items():
         name = prompt_name(category)
-        if args.shots > 0:
+        if category in remote:
+            pass  # scored on the Ray workers, which fitted the category's references
+        elif args.shots > 0:
             det.fit(reference_images(args.root, args.layout, category, args.shots, seed=args.seed))
         else:
             det.clear_references()
-        picked = _limit(items, args.limit, args.seed)
-        results[category] = _evaluate_category(det, picked, name, args, tracker, maps_dir, lvlm_eval)
+        results[category] = _evaluate_category(
+            det, items, name, args, tracker, maps_dir, lvlm_eval, remote.get(category)
+        )
     images = [record for r in results.values() for record in r.pop("images")]
     per_category = {c: r["metrics"] for c, r in results.items()}
     mean = macro_mean(per_category)
@@ -351,6 +390,7 @@ def register(subparsers: Any) -> dict[str, Any]:
     )
     e.add_argument("--maps-dir", default=None, help="folder for the saved anomaly maps (implies --save-maps)")
     add_model_options(e)
+    add_engine_options(e)
     add_adapter_option(e)
     add_rules_option(e)
     lvlm = e.add_argument_group("language-model verdicts (optional)")

@@ -4,6 +4,8 @@
 - ``openai:<base_url>[#model]`` -- any OpenAI-compatible server: vLLM (the production target), Ollama,
   ``transformers serve`` or OpenAI itself. The API key comes from ``VLAD_LVLM_API_KEY``, else ``OPENAI_API_KEY``,
   else ``EMPTY`` (local servers ignore it). Without ``#model`` the first model ``/v1/models`` lists is used.
+  Several comma-separated URLs are replicas of one model, used as one backend with failover
+  (:class:`vlad.explain.pool.BackendPool`).
 - ``transformers:<model id or local folder>`` -- in process, any image-text-to-text model transformers loads with
   ``AutoModelForImageTextToText`` (Qwen2-VL, LLaVA, ...), on CPU or GPU.
 - ``transformers:<base>+lora:<adapter folder>`` -- the same with a peft LoRA adapter on top (e.g. one trained by
@@ -48,8 +50,8 @@ from vlad.explain.template import TemplateBackend
 logger = logging.getLogger(__name__)
 
 SPEC_FORMS = (
-    "template, openai:<base_url>[#model] (e.g. openai:http://127.0.0.1:8000/v1), transformers:<model or dir>, "
-    "transformers:<model or dir>+lora:<adapter dir>"
+    "template, openai:<base_url>[,<base_url>...][#model] (e.g. openai:http://127.0.0.1:8000/v1), "
+    "transformers:<model or dir>, transformers:<model or dir>+lora:<adapter dir>"
 )
 LORA_SEPARATOR = "+lora:"
 DEFAULT_TIMEOUT = 60.0
@@ -113,11 +115,12 @@ def parse_backend_spec(spec: str) -> BackendSpec:
     kind, sep, rest = text.partition(":")
     if sep and kind == "openai":
         url, _, model = rest.partition("#")
-        if not url.startswith(("http://", "https://")):
+        urls = [u.strip().rstrip("/") for u in url.split(",")]  # several: replicas (vlad.explain.pool)
+        if not all(u.startswith(("http://", "https://")) for u in urls):
             raise ConfigError(
                 f"--lvlm {spec!r}: the base URL must start with http:// or https://; accepted: {SPEC_FORMS}"
             )
-        return BackendSpec("openai", url.rstrip("/"), model.strip() or None)
+        return BackendSpec("openai", ",".join(urls), model.strip() or None)
     if sep and kind == "transformers" and rest.strip():
         model, lora, adapter = rest.partition(LORA_SEPARATOR)
         if lora and not (model.strip() and adapter.strip()):
@@ -144,6 +147,11 @@ def load_backend(
         raise ConfigError(f"LVLM timeout must be a positive number of seconds, got {timeout!r}")
     if parsed.kind == "template":
         return TemplateBackend()
+    if parsed.kind == "openai" and "," in parsed.target:
+        from vlad.explain.pool import BackendPool
+
+        replicas = [OpenAIBackend(u, parsed.model, timeout=timeout, max_retries=0) for u in parsed.target.split(",")]
+        return BackendPool(replicas, spec=str(parsed))
     if parsed.kind == "openai":
         return OpenAIBackend(parsed.target, parsed.model, timeout=timeout, max_retries=max_retries)
     if parsed.adapter is not None:
