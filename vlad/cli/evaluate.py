@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,8 @@ def _evaluate_category(
     used: dict[Path, set[str]] = defaultdict(set)
     category = samples[0].category if samples else name
     if records is None:  # else scored already (--engine ray), in the order of samples
-        records = det.inspect_many([str(s.path) for s in samples], name, progress=Progress("eval", category))
+        stream = det.iter_inspect([str(s.path) for s in samples], name, progress=Progress("eval", category))
+        records = _in_order(stream)  # each record is reduced to eval-size arrays and dropped: memory stays bounded
     for s, record in zip(samples, records, strict=True):
         if not record.ok:
             failed.append({"path": str(s.path), "error": record.error})
@@ -137,6 +139,18 @@ def _evaluate_category(
         "failed": failed,
         "images": images,
     }
+
+
+def _in_order(records: Iterator[Any]) -> Iterator[Any]:
+    """The pipeline's records in input order (a failed input's record can come before its batch's): early ones wait
+    in a buffer, which holds at most a batch."""
+    waiting: dict[int, Any] = {}
+    expected = 0
+    for record in records:
+        waiting[record.index] = record
+        while expected in waiting:
+            yield waiting.pop(expected)
+            expected += 1
 
 
 _COLUMNS = {
