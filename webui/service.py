@@ -159,7 +159,8 @@ class InspectorService:
             "profile": self.profile,
         }
         if name == "filo":
-            kwargs["detector"] = "none" if (backbone or self.backbone or "").startswith("random:") else "grounding-dino"
+            no_detector = (backbone or self.backbone or "").startswith(("random:", "onnx:"))  # exports run without one
+            kwargs["detector"] = "none" if no_detector else "grounding-dino"
         built = get_scorer(name, **kwargs)
         if self.adapter:
             from vlad.adapters import apply_adapter

@@ -26,6 +26,8 @@ PACKAGES = ["vlad", "webui"]
 #   a detector to find the object, so it must be below the scorers.
 # - checkpoints (importing official Crane/AnomalyCLIP releases as adapters) and prompt_learner (the trainable text
 #   prompts, shared by adapters and training) go with scorers/adapters/training.
+# - export (tracing a built scorer to ONNX) goes with the scorers: it needs a scorer and an adapter, nothing above;
+#   the onnxruntime side is vlad.scorers.onnx_runtime (reached through vlad.scorers.get_scorer).
 # - the ``vlad`` package itself is the public facade (vlad.Detector, vlad.get_scorer): the pipeline layer. Library
 #   modules take ``__version__`` from vlad._version, never from ``vlad``.
 # - the command-line modules and the web UI are the top layer; ``vlad.cli.common`` holds what they share.
@@ -49,7 +51,14 @@ LAYERS = Layers(
         ("backbones/concepts/grounding", ["vlad.backbones*", "vlad.laft", "vlad.grounding*"]),
         (
             "scorers/adapters/training",
-            ["vlad.scorers*", "vlad.adapters", "vlad.prompt_learner", "vlad.checkpoints", "vlad.training"],
+            [
+                "vlad.scorers*",
+                "vlad.adapters",
+                "vlad.prompt_learner",
+                "vlad.checkpoints",
+                "vlad.training",
+                "vlad.export",
+            ],
         ),
         ("rules/lvlm/explain", ["vlad.rules*", "vlad.explain*"]),
         ("pipeline/api", ["vlad", "vlad.api", "vlad.pipeline"]),

@@ -127,7 +127,7 @@ def check_options(args: argparse.Namespace, *, has_references: bool) -> Any:
     Raises:
         UsageError: one line naming the option and what it accepts.
     """
-    from vlad.backbones.spec import patch_size_of
+    from vlad.backbones.spec import is_onnx_spec, patch_size_of
     from vlad.errors import BackboneError
     from vlad.scorers import scorer_facts
 
@@ -151,7 +151,8 @@ def check_options(args: argparse.Namespace, *, has_references: bool) -> Any:
                 f"--image-size {size} is not a multiple of the patch size {patch} of {spec}; "
                 f"use e.g. {max(patch, size // patch * patch)} or {(size // patch + 1) * patch}"
             )
-    if facts["needs_references"] and not has_references:
+    exported = is_onnx_spec(getattr(args, "backbone", None))  # an export holds its references
+    if facts["needs_references"] and not has_references and not exported:
         raise UsageError(
             f"{args.scorer} needs normal reference images: give them with --refs (detect) or --shots (eval)"
         )

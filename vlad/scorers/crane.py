@@ -136,6 +136,15 @@ class CraneScorer(Scorer):
 
     checkpoint_format: str | None = "crane"  # which official release carries this scorer's learned prompts
 
+    @classmethod
+    def export_refusal(cls, options: dict) -> str | None:
+        if options.get("dattn") and options.get("profile") in (None, "paper"):
+            return (
+                f"{cls.name}'s paper-profile D-Attn takes one mean over the whole batch (the reference's computation), "
+                "so an image's map depends on its batch; export it with --profile vlad"
+            )
+        return super().export_refusal(options)
+
     # ------------------------------------------------------------------ text
     def set_text_features(self, text: torch.Tensor | None) -> None:
         """Use these (2, D) [normal, anomalous] features instead of the prompt ensemble (learned prompts)."""
