@@ -150,7 +150,7 @@ def export_scorer(
     """
     import torch
 
-    object_name = object_name.strip()
+    object_name = (object_name or "").strip()
     options = {"profile": scorer.profile, "detector": getattr(scorer, "detector_spec", None), "dattn": _dattn(scorer)}
     folder = check_export(scorer.name, object_name, out, options, has_references=bool(references) or scorer.few_shot)
     _check_postprocessing(scorer)
@@ -161,7 +161,12 @@ def export_scorer(
     thresholds, notes = _baked_thresholds(scorer, object_name)
     graph = _graph(scorer, object_name)
     folder.mkdir(parents=True, exist_ok=True)
-    check = _export_graph(graph, folder / MODEL_FILE, opset)
+    try:
+        check = _export_graph(graph, folder / MODEL_FILE, opset)
+    except BaseException:
+        for leftover in folder.glob(f"{MODEL_FILE}*"):  # no half export left behind to block the next attempt
+            leftover.unlink()
+        raise
     manifest = _manifest(scorer, object_name, thresholds, notes, check, opset, folder)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     logger.info("exported %s for %r to %s", scorer.name, object_name, folder)

@@ -251,6 +251,7 @@ def test_the_runtime_holds_the_export_to_its_scorer_object_and_settings(exports,
             get_scorer(name, backbone=f"onnx:{folder}", **options)
         assert str(info.value) == message
     det = Detector("crane", backbone=f"onnx:{folder}")
+    assert det.detect(refs[0]).pred_score == det.detect(refs[0], "bottle").pred_score  # unnamed: the exported one
     with pytest.raises(ConfigError) as info:
         det.detect(refs[0], "screw")
     assert str(info.value) == (

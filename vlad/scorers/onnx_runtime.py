@@ -8,9 +8,10 @@ as the torch scorer does it: bicubic resize and CLIP normalisation, the map resi
 thresholds (the baked ones, then a user threshold and the sensitivity), regions. Neither torch nor open_clip is
 imported.
 
-What was baked in cannot change: the product (another ``object_name`` is an error naming the baked one), the
-references (``fit`` is an error), the prompts, concept transform and adapter (concept rules report "not applicable",
-an adapter is an error). Region rules (size, position, count) apply to the results as usual.
+What was baked in cannot change: the product (another ``object_name`` is an error naming the baked one; the unnamed
+default ``object`` means the exported product), the references (``fit`` is an error), the prompts, concept transform
+and adapter (concept rules report "not applicable", an adapter is an error). Region rules (size, position, count)
+apply to the results as usual.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE, MANIFEST_FILE, MANIFEST_FORMAT = "model.onnx", "manifest.json", "vlad-onnx-export"
 INPUT_NAME, OUTPUT_NAMES = "images", ("scores", "maps")
+UNNAMED = "object"
+"""The product name vlad uses when none is given; for an export it means the exported product."""
 _FIXED = ("concepts", "detector", "dattn")
 """Scorer options the export fixed: a value other than the manifest's is an error."""
 
@@ -170,7 +173,9 @@ class OnnxScorer:
                 raise ConfigError(f"{where} with {option} {baked!r}; {option} {value!r} needs another export")
 
     def _check_object(self, object_name: str) -> None:
-        if object_name != self.object_name:
+        """Another product than the exported one is an error; ``object`` (what vlad scores when no product is
+        named) stands for the exported one."""
+        if object_name not in (self.object_name, UNNAMED):
             raise ConfigError(
                 f"{self.directory} was exported for object {self.object_name!r} (scorer {self.name}); it cannot "
                 f"score {object_name!r}: export again with --object {object_name}"
@@ -274,7 +279,7 @@ class OnnxScorer:
         return tuple(self.manifest.get("warnings", ()))
 
     def prompt_phrases(self, object_name: str) -> list[str]:
-        return list(self.manifest.get("prompt_phrases", ())) if object_name == self.object_name else []
+        return list(self.manifest.get("prompt_phrases", ())) if object_name in (self.object_name, UNNAMED) else []
 
     def describe(self) -> dict[str, Any]:
         """The export's settings, with the runtime's backbone spec, threshold and sensitivity."""
