@@ -110,6 +110,31 @@ def test_exported_model_matches_torch_through_the_pipeline(name, few_shot, expor
         assert b.scorer == name
 
 
+def test_an_adapter_and_a_concept_transform_are_baked_in(tmp_path, images):
+    """A LoRA adapter (vision tower) and a LAFT concept transform (features and prototypes) travel in the graph."""
+    from tests.unit.test_adapters import _lora_adapter
+    from vlad.adapters import apply_adapter
+    from vlad.backbones import load_backbone
+    from vlad.export import export_scorer
+
+    adapter = _lora_adapter(load_backbone("random:tiny", device="cpu"))
+
+    def build():
+        return apply_adapter(get_scorer("crane", backbone="random:tiny", concepts="ignore colour"), adapter)
+
+    manifest = export_scorer(build(), "bottle", tmp_path / "export")
+    assert manifest["adapter"] == "lora:<lora adapter>"
+    assert manifest["concepts"].startswith("ignore colour")
+    plain = Detector(get_scorer("crane", backbone="random:tiny")).inspect_many(images, "bottle")
+    expected = Detector(build()).inspect_many(images, "bottle")
+    onnx = Detector("crane", backbone=f"onnx:{tmp_path / 'export'}", concepts="ignore colour")
+    got = onnx.inspect_many(images, "bottle")
+    assert onnx.settings()["adapter"] == "lora:<lora adapter>"
+    for p, want, have in zip(plain, expected, got, strict=True):
+        assert np.abs(want.result.anomaly_map - have.result.anomaly_map).max() <= TOL
+        assert np.abs(p.result.anomaly_map - have.result.anomaly_map).max() > 100 * TOL  # they did change the maps
+
+
 def test_cli_round_trip_gives_the_same_report(tmp_path, refs, images, capsys):
     """``vlad export`` then ``vlad detect --backbone onnx:DIR`` (laft: its references are in the export, so detect
     needs no --refs) reports what ``vlad detect`` with torch and the references reports."""
@@ -189,8 +214,13 @@ def _export_error(capsys, *argv: str) -> str:
         (
             ["--format", "onnx", "--object", "bottle", "--scorer", "crane", "--dattn", "random:dinov2-tiny"],
             "vlad export: error: cannot export crane: crane's paper-profile D-Attn takes one mean over the whole "
-            "batch (the reference's computation), so an image's map depends on its batch; export it with --profile "
-            "vlad",
+            "batch (the reference's computation), so an image's map depends on its batch; export without --dattn",
+        ),
+        (
+            ["--format", "onnx", "--object", "bottle", "--scorer", "crane", "--dattn", "x", "--profile", "vlad"],
+            "vlad export: error: cannot export crane: Crane+ D-Attn keeps only the DINO similarities above a hard "
+            "threshold, so the exported DINO tower's rounding differences flip entries (maps differed from torch by "
+            "up to 3e-3 on the test model); export without --dattn",
         ),
         (
             ["--format", "onnx", "--object", "bottle", "--scorer", "laft"],

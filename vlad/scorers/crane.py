@@ -138,12 +138,18 @@ class CraneScorer(Scorer):
 
     @classmethod
     def export_refusal(cls, options: dict) -> str | None:
-        if options.get("dattn") and options.get("profile") in (None, "paper"):
+        if not options.get("dattn"):
+            return super().export_refusal(options)
+        if options.get("profile") in (None, "paper"):
             return (
                 f"{cls.name}'s paper-profile D-Attn takes one mean over the whole batch (the reference's computation), "
-                "so an image's map depends on its batch; export it with --profile vlad"
+                "so an image's map depends on its batch; export without --dattn"
             )
-        return super().export_refusal(options)
+        return (
+            "Crane+ D-Attn keeps only the DINO similarities above a hard threshold, so the exported DINO tower's "
+            "rounding differences flip entries (maps differed from torch by up to 3e-3 on the test model); export "
+            "without --dattn"
+        )
 
     # ------------------------------------------------------------------ text
     def set_text_features(self, text: torch.Tensor | None) -> None:
