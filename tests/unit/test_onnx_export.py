@@ -331,6 +331,11 @@ def test_a_changed_or_missing_export_is_refused(exports, tmp_path):
     assert str(info.value) == f"{tmp_path} has no manifest.json: not a vlad export (vlad export --format onnx)"
     with pytest.raises(ConfigError, match="^onnx:nowhere: no such folder"):
         get_scorer("crane", backbone="onnx:nowhere")
+    from vlad.backbones import load_backbone
+    from vlad.errors import BackboneError
+
+    with pytest.raises(BackboneError, match="^'onnx:nowhere' is an exported model, not a CLIP backbone: give it as"):
+        load_backbone("onnx:nowhere")
 
 
 HIDE_TORCH = """

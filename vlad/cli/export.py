@@ -68,9 +68,9 @@ def register(subparsers: Any) -> dict[str, Any]:
         description="Trace the scorer's image graph for one product, with its prompts, concept transform, adapter "
         "and few-shot references baked in, to DIR/model.onnx, and write DIR/manifest.json (preprocessing, "
         "post-processing, thresholds, checksum). Run it with `vlad detect --backbone onnx:DIR` (onnxruntime, no "
-        "torch). MuSc (transductive) and FiLo with its detector cannot be exported. See docs/export.md.",
+        "torch). MuSc (transductive), FiLo with its detector and Crane+ D-Attn cannot be exported. See docs/export.md.",
     )
-    p.add_argument("--format", dest="export_format", default=None, help="export format: onnx")
+    p.add_argument("--format", dest="export_format", default=None, metavar="onnx", help="export format (onnx)")
     p.add_argument("--object", dest="object_name", default=None, help="the product the export is for, e.g. bottle")
     p.add_argument("--refs", nargs="+", default=None, help="normal reference images or folders (baked in)")
     p.add_argument("--out", default=None, help="folder to write model.onnx and manifest.json to")
