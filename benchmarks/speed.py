@@ -1,7 +1,9 @@
 """Scorer speed: images/s, peak memory, and the ratio of a scorer's time per image to one bare backbone forward.
 
 Both are measured in the same run, on the same device, batch size and input size, so the ratio is meaningful even
-where absolute numbers are not. ``random:`` backbones work offline (weights do not change speed).
+where absolute numbers are not. ``random:`` backbones work offline (weights do not change speed). Any ``--size`` that
+is a multiple of the patch size works: the bare forward is the backbone's own visual forward with its positional
+embedding re-gridded to that size (what every scorer runs), without any scorer work.
 
     python benchmarks/speed.py --backbone random:ViT-B-16-plus-240 --scorer winclip --size 240
 
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = backbone.preprocess(images, size)
 
     with torch.no_grad():
-        bare = _time(lambda: backbone.model.encode_image(x), args.repeats, device)
+        bare = _time(lambda: backbone.forward_visual(x), args.repeats, device)
     full = _time(lambda: scorer.score_many(images, "object"), args.repeats, device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     out = {

@@ -64,3 +64,24 @@ def fake():
     server = FakeOpenAI().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with two CPUs for the whole session (its start costs ~10 s, paid once), shut down at the end.
+
+    The workers get this checkout on their path, so they import this ``vlad`` and ``tests.helpers``.
+    """
+    ray = pytest.importorskip("ray")
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)
+    env = {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+    )
+    yield ray
+    ray.shutdown()

@@ -92,6 +92,8 @@ def check_export(
         raise ConfigError(f"--precision {options['precision']}: exports are fp32 (use auto or fp32)")
     if facts["needs_references"] and not has_references:
         raise ConfigError(f"{scorer} needs normal reference images, which the export bakes in: give them with --refs")
+    if options.get("tile") is not None:
+        raise ConfigError("--tile: an export scores whole images (tiles are cut and stitched outside the graph)")
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module, "onnx", what="vlad export --format onnx")
     reason = scorer_class(scorer).export_refusal(options)
@@ -152,6 +154,7 @@ def export_scorer(
 
     object_name = (object_name or "").strip()
     options = {"profile": scorer.profile, "detector": getattr(scorer, "detector_spec", None), "dattn": _dattn(scorer)}
+    options["tile"] = getattr(scorer, "tiling", None)
     folder = check_export(scorer.name, object_name, out, options, has_references=bool(references) or scorer.few_shot)
     _check_postprocessing(scorer)
     if str(scorer.backbone.device) != "cpu" or scorer.backbone.dtype != torch.float32:

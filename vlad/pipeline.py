@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,25 +251,35 @@ class Detector:
         *,
         progress: Progress | None = None,
     ) -> Iterator[InspectionRecord]:
-        """:meth:`inspect_many` as a generator: records come out batch by batch (failed inputs first)."""
+        """:meth:`inspect_many` as a generator, in bounded memory: inputs are decoded one batch ahead on a
+        background thread (decoding overlaps the model), scored a batch at a time, and each record is yielded as
+        soon as it is finished, so a caller that writes and drops records holds at most two batches of images.
+        A failed input's record comes out when its turn to be decoded comes. ``progress(done, total)`` counts
+        inputs (failed ones included). A transductive scorer (MuSc) needs every image at once: one batch."""
         name = (object_name or self.object_name).strip() or "object"
         self._configure(name)
-        loaded: list[tuple[int, str, Image.Image]] = []
-        for index, item in enumerate(items):
-            source = _source(item, index)
-            try:
-                loaded.append((index, source, _load(item)))
-            except VladError as exc:
-                yield InspectionRecord(source, name, error=str(exc), index=index)
-        step = max(len(loaded), 1) if self.scorer.transductive else self.scorer.batch_size
-        for start in range(0, len(loaded), step):
-            batch = loaded[start : start + step]
-            results = self.scorer.score_many([im for _, _, im in batch], name)
-            for (index, source, image), base in zip(batch, results, strict=True):
-                record = InspectionRecord(source, name, base_result=base, image=image, index=index)
-                yield self._finish(record, base)
-            if progress is not None:
-                progress(start + len(batch), len(loaded))
+        items = list(items)
+        step = max(len(items), 1) if self.scorer.transductive else self.scorer.batch_size
+        done = 0
+        batch: list[tuple[int, str, Image.Image]] = []
+        for index, source, image, error in _prefetch(items, ahead=step):
+            if error is not None:
+                done += 1
+                yield InspectionRecord(source, name, error=error, index=index)
+            else:
+                batch.append((index, source, image))
+            if batch and (len(batch) == step or index == len(items) - 1):
+                yield from self._score_batch(batch, name)
+                done += len(batch)
+                batch = []
+            if progress is not None and (error is not None or not batch):
+                progress(done, len(items))
+
+    def _score_batch(self, batch: list[tuple[int, str, Image.Image]], name: str) -> Iterator[InspectionRecord]:
+        results = self.scorer.score_many([im for _, _, im in batch], name)
+        for (index, source, image), base in zip(batch, results, strict=True):
+            record = InspectionRecord(source, name, base_result=base, image=image, index=index)
+            yield self._finish(record, base)
 
     def _finish(self, record: InspectionRecord, base: AnomalyResult) -> InspectionRecord:
         """Rules, overlay and explanation on a scored (or re-thresholded) result."""
@@ -370,6 +382,43 @@ def _explanation(row: Mapping[str, Any]) -> Any:
     from vlad.result import Explanation
 
     return Explanation(text=row["explanation"], backend=row["lvlm"], report=row["report"])
+
+
+def _prefetch(items: Sequence[Any], ahead: int) -> Iterator[tuple[int, str, Image.Image | None, str | None]]:
+    """``(index, source, image, error)`` for each item in order, decoded by one background thread that runs at most
+    ``ahead`` items in front of the consumer (PIL decodes outside the GIL, so decoding overlaps scoring). Unexpected
+    errors are raised in the consumer; the thread stops when the consumer stops iterating."""
+    slots: queue.Queue = queue.Queue(maxsize=max(ahead, 1))
+    stop = threading.Event()
+
+    def decode() -> None:
+        for index, item in enumerate(items):
+            source = _source(item, index)
+            try:
+                entry: tuple = (index, source, _load(item), None)
+            except VladError as exc:
+                entry = (index, source, None, str(exc))
+            except BaseException as exc:  # handed to the consumer, which raises it
+                entry = (index, source, None, exc)
+            while not stop.is_set():
+                try:
+                    slots.put(entry, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set() or isinstance(entry[3], BaseException):
+                return
+
+    worker = threading.Thread(target=decode, name="vlad-decode", daemon=True)
+    worker.start()
+    try:
+        for _ in range(len(items)):
+            index, source, image, error = slots.get()
+            if isinstance(error, BaseException):
+                raise error
+            yield index, source, image, error
+    finally:
+        stop.set()
 
 
 def _source(item: Any, index: int) -> str:

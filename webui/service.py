@@ -88,14 +88,18 @@ class InspectorService:
         max_upload_mb: float = 20.0,
         profile: str | None = None,
         adapter: str | None = None,
+        tile: int | str | None = None,
     ) -> None:
         from vlad.scorers import list_scorers
+        from vlad.scorers.tiling import Tiling
 
         if scorer not in list_scorers():
             raise VladError(f"unknown scorer {scorer!r}; available: {', '.join(list_scorers())}")
         from vlad.scorers.base import check_profile
 
         check_profile(profile)
+        Tiling.parse(tile)
+        self.tile = tile
         self.scorer = scorer
         self.backbone = backbone
         self.profile = profile
@@ -158,6 +162,8 @@ class InspectorService:
             "sensitivity": sensitivity,
             "profile": self.profile,
         }
+        if self.tile is not None and name != "musc":  # musc scores images against each other: it cannot tile
+            kwargs["tile"] = self.tile
         if name == "filo":
             no_detector = (backbone or self.backbone or "").startswith(("random:", "onnx:"))  # exports run without one
             kwargs["detector"] = "none" if no_detector else "grounding-dino"

@@ -25,11 +25,14 @@ PACKAGES = ["vlad", "webui"]
 #   is a model wrapper like the backbones (loads weights, needs only errors/regions/data), and the FiLo scorer uses
 #   a detector to find the object, so it must be below the scorers.
 # - checkpoints (importing official Crane/AnomalyCLIP releases as adapters) and prompt_learner (the trainable text
-#   prompts, shared by adapters and training) go with scorers/adapters/training.
+#   prompts, shared by adapters and training) go with scorers/adapters/training, and so does training_lvlm (LoRA on
+#   the explainer's language model; explain.backends reads its adapter check).
 # - export (tracing a built scorer to ONNX) goes with the scorers: it needs a scorer and an adapter, nothing above;
 #   the onnxruntime side is vlad.scorers.onnx_runtime (reached through vlad.scorers.get_scorer).
 # - the ``vlad`` package itself is the public facade (vlad.Detector, vlad.get_scorer): the pipeline layer. Library
 #   modules take ``__version__`` from vlad._version, never from ``vlad``.
+# - reportlog (a run's report.jsonl and files, resumable, local or fsspec) and distributed (the Ray engine) sit with
+#   the pipeline they drive: every engine calls Detector.iter_inspect and writes rows through reportlog.
 # - the command-line modules and the web UI are the top layer; ``vlad.cli.common`` holds what they share.
 LAYERS = Layers(
     [
@@ -58,10 +61,11 @@ LAYERS = Layers(
                 "vlad.checkpoints",
                 "vlad.training",
                 "vlad.export",
+                "vlad.training_lvlm",
             ],
         ),
         ("rules/lvlm/explain", ["vlad.rules*", "vlad.explain*"]),
-        ("pipeline/api", ["vlad", "vlad.api", "vlad.pipeline"]),
+        ("pipeline/api", ["vlad", "vlad.api", "vlad.pipeline", "vlad.reportlog", "vlad.distributed"]),
         ("cli/webui", ["vlad.cli", "vlad.cli.*", "webui*"]),
     ]
 )

@@ -227,6 +227,10 @@ def _export_error(capsys, *argv: str) -> str:
             "vlad export: error: laft needs normal reference images: give them with --refs (detect) or --shots (eval)",
         ),
         (
+            ["--format", "onnx", "--object", "bottle", "--tile", "auto"],
+            "vlad export: error: --tile: an export scores whole images (tiles are cut and stitched outside the graph)",
+        ),
+        (
             ["--format", "onnx", "--object", "bottle", "--precision", "fp16"],
             "vlad export: error: --precision fp16: exports are fp32 (use auto or fp32)",
         ),
@@ -270,6 +274,7 @@ def test_the_runtime_holds_the_export_to_its_scorer_object_and_settings(exports,
         ("crane", {"image_size": 64}, f"{where} with image_size 96; image_size 64 needs another export"),
         ("crane", {"sigma": 2.0}, f"{where}; option(s) sigma are fixed at export: export again with them"),
         ("crane", {"precision": "fp16"}, f"{where} in fp32; precision 'fp16' needs another export"),
+        ("crane", {"tile": 128}, f"--tile: the crane export in {folder} scores whole images only"),
         (
             "crane",
             {"concepts": "ignore colour"},

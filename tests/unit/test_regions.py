@@ -314,3 +314,52 @@ def test_the_template_explains_peak_regions_and_normal_verdicts_with_regions():
         "regions": [{**facts["regions"][0], "source": "threshold"}],
     }
     assert "so the part passes although one area is above the pixel threshold" in explain_text(normal)
+
+
+@pytest.mark.parametrize(
+    ("shape", "density", "components"), [((16, 20), 0.3, (2, 64)), ((60, 80), 0.3, (65, 500)), ((60, 80), 0.6, (1, 3))]
+)
+def test_find_regions_matches_a_per_component_computation(
+    shape: tuple[int, int], density: float, components: tuple[int, int]
+) -> None:
+    """Interlocking, nested and touching components (a random mask), few (measured box by box) and many (one pass):
+    every statistic equals a direct per-label computation with scipy."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    amap = rng.random(shape).astype(np.float32)
+    mask = rng.random(shape) < density
+    regions = find_regions(amap, mask, max_regions=10**6)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    assert len(regions) == count
+    assert components[0] <= count <= components[1]
+    expected = []
+    for label in range(1, count + 1):
+        ys, xs = np.nonzero(labels == label)
+        values = amap[ys, xs].astype(np.float64)
+        expected.append(
+            (
+                (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+                ys.size,
+                float(values.max()),
+                float(values.mean()),
+                (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5),
+            )
+        )
+    expected.sort(key=lambda e: (-e[2], -e[1]))
+    for region, (bbox, area, peak, mean, centroid) in zip(regions, expected, strict=True):
+        assert (region.bbox, region.area) == (bbox, area)
+        assert region.peak_score == pytest.approx(peak)
+        assert region.mean_score == pytest.approx(mean)
+        assert region.centroid == pytest.approx(centroid)
+
+
+def test_find_regions_more_components_than_sixteen_bits() -> None:
+    """70 000 isolated pixels: the peak of every one is its own value, order by peak then raster order."""
+    amap = np.zeros((530, 530), dtype=np.float32)
+    mask = np.zeros((530, 530), dtype=bool)
+    mask[::2, ::2] = True
+    amap[::2, ::2] = np.arange(265 * 265, dtype=np.float32).reshape(265, 265) % 1000
+    regions = find_regions(amap, mask, max_regions=3)
+    assert [r.peak_score for r in regions] == [999.0, 999.0, 999.0]
+    assert [r.bbox for r in regions] == [(408, 6, 409, 7), (288, 14, 289, 15), (168, 22, 169, 23)]

@@ -99,7 +99,8 @@ def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
         "--context-tokens",
         type=positive_int,
         default=8192,
-        help="the model's context length (default 8192, as `vllm serve --max-model-len 8192`)",
+        help="the model's context length (default 8192, as `vllm serve --max-model-len 8192`); capped by the "
+        "max_model_len a vLLM server reports",
     )
     g.add_argument(
         "--max-image-side",
@@ -208,7 +209,7 @@ def run_chat(args: argparse.Namespace) -> int:
         for piece in conv.ask(line):
             out.write(piece)
             out.flush()
-        out.write("\n")
+        out.write("\n" + (f"{conv.last_note}\n" if conv.last_note else ""))
         out.flush()
     return EXIT_OK
 

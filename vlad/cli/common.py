@@ -63,6 +63,42 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="crane: DINOv2 spec for Crane+ D-Attn, e.g. timm:vit_base_patch14_reg4_dinov2.lvd142m",
     )
+    g.add_argument(
+        "--tile",
+        type=tile_option,
+        default=None,
+        metavar="SIZE|auto",
+        help="score large images as overlapping tiles of SIZE pixels, or auto (tiles of 2 model inputs for images "
+        "longer than that); references are tiled the same way; cost: tiles + 1 forwards per image",
+    )
+    g.add_argument(
+        "--tile-overlap",
+        type=_overlap_option,
+        default=0.25,
+        metavar="F",
+        help="share of a tile that overlaps its neighbour (default 0.25)",
+    )
+
+
+def tile_option(text: str) -> int | str | None:
+    from vlad.scorers.tiling import Tiling
+
+    try:
+        tiling = Tiling.parse(text)
+    except VladError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if tiling is None:
+        return None
+    return "auto" if tiling.tile is None else tiling.tile
+
+
+def _overlap_option(text: str) -> float:
+    from vlad.scorers.tiling import MAX_OVERLAP
+
+    value = finite_float(text)
+    if not 0.0 <= value <= MAX_OVERLAP:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, {MAX_OVERLAP}], got {text}")
+    return value
 
 
 _SCORER_ONLY_OPTIONS = {"detector": ("filo",), "dattn": ("crane", "filo")}
@@ -94,6 +130,8 @@ def build_scorer(args: argparse.Namespace) -> Any:
         sensitivity=args.sensitivity,
         batch_size=args.batch_size,
         profile=getattr(args, "profile", None),
+        tile=getattr(args, "tile", None),
+        tile_overlap=getattr(args, "tile_overlap", 0.25),
         **extra,
     )
     return apply_adapter_option(scorer, args)
@@ -151,6 +189,11 @@ def check_options(args: argparse.Namespace, *, has_references: bool) -> Any:
                 f"--image-size {size} is not a multiple of the patch size {patch} of {spec}; "
                 f"use e.g. {max(patch, size // patch * patch)} or {(size // patch + 1) * patch}"
             )
+    if getattr(args, "tile", None) is not None and facts["transductive"]:
+        raise UsageError(
+            f"--tile: {args.scorer} scores each image against the others in its batch, so it cannot tile; "
+            "drop --tile or use another scorer"
+        )
     exported = is_onnx_spec(getattr(args, "backbone", None))  # an export holds its references
     if facts["needs_references"] and not has_references and not exported:
         raise UsageError(
@@ -257,3 +300,34 @@ def load_references(refs: Sequence[str]) -> list[Any]:
         return [load_image(f) for f in files]
     except ImageLoadError as exc:
         raise UsageError(f"--refs: {exc}") from exc
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The ``engine`` option group of ``detect`` and ``eval``: local (default) or a Ray cluster."""
+    g = p.add_argument_group("engine (scale out; see docs/scaling.md)")
+    g.add_argument("--engine", choices=["local", "ray"], default="local", help="local (this process) or ray")
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="ray only: auto (the cluster this machine is part of), ray://HOST:10001 (Ray Client, e.g. KubeRay); "
+        "default: a local Ray",
+    )
+    g.add_argument("--workers", type=positive_int, default=1, help="ray only: actors, each loading the models once")
+    g.add_argument("--gpus-per-worker", type=finite_float, default=0.0, help="ray only: GPUs per actor (0.5 shares)")
+    g.add_argument("--cpus-per-worker", type=finite_float, default=1.0, help="ray only: CPUs per actor")
+
+
+def engine_options(args: argparse.Namespace) -> Any:
+    """The :class:`vlad.distributed.RayOptions` of ``--engine ray`` (checked), or None for the local engine."""
+    if getattr(args, "engine", "local") != "ray":
+        for option in ("ray_address", "gpus_per_worker"):
+            if getattr(args, option, None):
+                raise UsageError(f"--{option.replace('_', '-')} needs --engine ray")
+        return None
+    from vlad._optional import require
+    from vlad.distributed import RayOptions
+
+    require("ray", "ray", what="--engine ray")  # now, not after the model has loaded
+    options = RayOptions(args.ray_address, args.workers, args.gpus_per_worker, args.cpus_per_worker)
+    options.check()
+    return options

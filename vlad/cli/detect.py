@@ -4,8 +4,9 @@ explanations."""
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,48 +14,81 @@ from vlad.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
     Progress,
+    UsageError,
+    add_engine_options,
     add_model_options,
     build_detector,
     check_options,
     emit_json,
+    engine_options,
     expand_or_fail,
     load_references,
     open_output_dir,
     probe_lvlm,
-    save_map,
     unique_name,
 )
 
 
-def _detect_rows(det: Any, files: list[Path], problems: list, args: argparse.Namespace, out: Path, fh: Any) -> list:
-    """Report rows, the same keys for every input: unreadable ones first, then one per file as it is scored. Each row
-    is written to ``fh`` and flushed at once, so a crash or Ctrl-C never loses the results so far."""
-    from vlad.pipeline import InspectionRecord
-
-    settings, explain = det.settings(), det.explainer is not None
-    rows: list[dict[str, Any]] = []
-
-    def keep(row: dict[str, Any]) -> None:
-        rows.append(row)
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
-
-    for p, msg in problems:
-        keep(InspectionRecord(str(p), args.object_name, error=msg).to_row(settings, explain=explain))
+def _names(files: list[Path]) -> dict[str, str]:
+    """Each input's file stem for its overlay, legend and map, unique in the run and the same on every re-run."""
     used: set[str] = set()
-    for record in det.iter_inspect([str(f) for f in files], args.object_name, progress=Progress("detect")):
-        overlay_path = map_path = None
-        if record.ok:
-            name = unique_name(Path(record.source).stem, used)  # the same name for the overlay and the map
-            if record.overlay is not None:
-                overlay_path = out / f"{name}_overlay.png"
-                record.overlay.save(overlay_path)
-            if record.legend is not None:
-                record.legend.save(out / f"{name}_legend.png")
-            if getattr(args, "save_maps", False):
-                map_path = save_map(out / "maps" / f"{name}.npy", record.result.anomaly_map)
-        keep(record.to_row(settings, overlay_path=overlay_path, map_path=map_path, explain=explain))
-    return rows
+    return {str(f): unique_name(f.stem, used) for f in files}
+
+
+def _worker_detector(args: argparse.Namespace, explain: Any, rules: Any, lvlm_down: str | None) -> Any:
+    """The pipeline a Ray worker builds (the same options as this process's)."""
+    det = build_detector(args, explain=explain, rules=rules)
+    if lvlm_down is not None:
+        det.explainer.mark_down(lvlm_down)
+    return det
+
+
+def _records(det: Any, todo: list[str], args: argparse.Namespace, refs: Any, worker: Any) -> Iterator[tuple]:
+    """``(record, overlay_png, legend_png)`` per input, from this process or a Ray pool (``worker``: its factory)."""
+    options = engine_options(args)
+    if options is None:
+        for record in det.iter_inspect(todo, args.object_name, progress=Progress("detect")):
+            yield record, None, None
+        return
+    from vlad.distributed import Group, ray_inspect
+
+    progress = Progress("detect")
+    group = Group(args.object_name, args.object_name, todo, list(refs or []))
+    scorer = det.scorer
+    remote = ray_inspect(worker, [group], options, transductive=scorer.transductive, batch_size=scorer.batch_size)
+    for done, item in enumerate(remote, 1):
+        progress(done, len(todo))
+        yield item.record, item.overlay_png, item.legend_png
+
+
+def _detect_rows(
+    det: Any, files: list[Path], problems: list, args: argparse.Namespace, out: Any, **engine: Any
+) -> list:
+    """Report rows, the same keys for every input: unreadable ones first, then one per file as it is scored. Each row
+    is appended to ``report.jsonl`` and flushed at once, so a crash or Ctrl-C never loses the results so far; a re-run
+    with the same settings skips the inputs already reported (see :mod:`vlad.reportlog`)."""
+    from vlad.pipeline import InspectionRecord
+    from vlad.reportlog import RecordWriter, ReportLog, settings_fingerprint
+
+    settings, refs = det.settings(), engine.get("refs")
+    outputs = {"overlays": not args.no_overlay, "full_res": args.full_res_overlay, "maps": args.save_maps}
+    log = ReportLog(out, settings_fingerprint(settings, references=refs, outputs=outputs), resume=not args.fresh)
+    writer = RecordWriter(
+        out, log, settings, _names(files), explain=det.explainer is not None, save_maps=args.save_maps
+    )
+    try:
+        for p, msg in problems:
+            writer.write(InspectionRecord(str(p), args.object_name, error=msg))
+        todo = [str(f) for f in files if str(f) not in log.done]
+        if len(todo) < len(files):
+            print(
+                f"detect: resuming: {len(files) - len(todo)} of {len(files)} images already reported", file=sys.stderr
+            )
+        for record, overlay, legend in _records(det, todo, args, refs, engine.get("worker")):
+            writer.write(record, overlay, legend)
+    finally:
+        log.close()
+    return log.finish([str(p) for p, _ in problems] + [str(f) for f in files])
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -72,6 +106,19 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def _open_out(out: str) -> Any:
+    """``--out`` as a :class:`vlad.reportlog.Output`: a local folder (checked now, before any model loads) or an
+    fsspec URI."""
+    from vlad.reportlog import Output, is_uri
+
+    if not is_uri(out):
+        return Output(open_output_dir(Path(out.removeprefix("file://"))))
+    try:
+        return Output(out)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UsageError(f"--out {out}: cannot write there ({exc})") from None
+
+
 def run_detect(args: argparse.Namespace) -> int:
     explain = None
     if getattr(args, "explain", False):
@@ -81,20 +128,19 @@ def run_detect(args: argparse.Namespace) -> int:
         explain.check()
     rules = check_options(args, has_references=bool(args.refs))
     files, problems = expand_or_fail(args.inputs, "inputs")
-    out = open_output_dir(Path(args.out))
+    engine_options(args)
+    out = _open_out(args.out)
     refs = load_references(args.refs) if args.refs is not None else None
     lvlm_down = probe_lvlm(explain)
-    det = build_detector(args, explain=explain, rules=rules)
-    if lvlm_down is not None:
-        det.explainer.mark_down(lvlm_down)
+    det = _worker_detector(args, explain, rules, lvlm_down)
     if refs:
         det.fit(refs)
-    report = out / "report.jsonl"
-    with report.open("w", encoding="utf-8") as fh:
-        rows = _detect_rows(det, files, problems, args, out, fh)
+    worker = functools.partial(_worker_detector, args, explain, rules, lvlm_down)
+    rows = _detect_rows(det, files, problems, args, out, refs=refs, worker=worker)
+    report = out.path("report.jsonl")
     failed = sum(1 for r in rows if r.get("error"))
     if args.format == "json":
-        emit_json({"report": str(report), "out": str(out), "failed": failed, "results": rows})
+        emit_json({"report": report, "out": out.root, "failed": failed, "results": rows})
     else:
         _print_table(rows)
         warnings = {w for r in rows for w in r.get("warnings") or []}
@@ -102,9 +148,9 @@ def run_detect(args: argparse.Namespace) -> int:
             print(f"warning: {w}")
         print(f"report: {report}")
         if not args.no_overlay:
-            print(f"overlays and legends: {out}/")
+            print(f"overlays and legends: {out.root}/")
         if getattr(args, "save_maps", False):
-            print(f"anomaly maps: {out / 'maps'}/")
+            print(f"anomaly maps: {out.path('maps')}/")
     if failed:
         print(f"vlad detect: {failed} of {len(rows)} images failed (see report.jsonl)", file=sys.stderr)
     return EXIT_PARTIAL if failed else EXIT_OK
@@ -121,6 +167,12 @@ def register(subparsers: Any) -> dict[str, Any]:
     d.add_argument("--object", required=True, dest="object_name", help="product name, e.g. bottle")
     d.add_argument("--refs", nargs="+", default=None, help="normal reference images or directories (few-shot)")
     d.add_argument("--out", default="vlad-out", help="output directory (overlays and report.jsonl)")
+    d.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start the report afresh (default: re-running with the same --out and settings skips the images "
+        "already reported)",
+    )
     d.add_argument("--format", choices=["table", "json"], default="table", help="what to print")
     d.add_argument("--no-overlay", action="store_true", help="do not write overlay and legend images")
     d.add_argument(
@@ -135,6 +187,7 @@ def register(subparsers: Any) -> dict[str, Any]:
         "input image's resolution to <out>/maps/<stem>.npy (the report's `map` field)",
     )
     add_model_options(d)
+    add_engine_options(d)
     add_adapter_option(d)
     add_rules_option(d)
     add_explain_options(d)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -20,9 +21,11 @@ from vlad.cli.common import (
     EXIT_PARTIAL,
     Progress,
     UsageError,
+    add_engine_options,
     add_model_options,
     build_detector,
     check_options,
+    engine_options,
     save_map,
     unique_name,
 )
@@ -58,14 +61,18 @@ def _evaluate_category(
     args: argparse.Namespace,
     tracker: Any = None,
     maps_dir: Path | None = None,
+    lvlm_eval: Any = None,
+    records: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Scores one category and computes its metrics.
 
     Image metrics use every scored image; pixel metrics use the normal images (all-zero masks) and the anomalous images
     that have a mask, and are NaN with a ``pixel_metrics_note`` when no anomalous image has one. With ``maps_dir``,
-    each raw map is saved at the input resolution as ``maps_dir/<category>/<defect>/<stem>.npy``.
+    each raw map is saved at the input resolution as ``maps_dir/<category>/<defect>/<stem>.npy``. With ``lvlm_eval``
+    (:class:`~vlad.explain.lvlm_eval.LVLMEvaluation`), each image's blind / grounded LVLM verdict is recorded too.
+    ``records``: the samples' records when another engine scored them.
     """
-    from vlad.data import load_mask
+    from vlad.data import load_image, load_mask
     from vlad.metrics import compute_image_metrics, compute_pixel_metrics
     from vlad.metrics._summary import PIXEL_METRICS
 
@@ -73,14 +80,20 @@ def _evaluate_category(
     scores, labels, maps, masks, pixel_ok, images, failed = [], [], [], [], [], [], []
     used: dict[Path, set[str]] = defaultdict(set)
     category = samples[0].category if samples else name
-    records = det.inspect_many([str(s.path) for s in samples], name, progress=Progress("eval", category))
+    if records is None:  # else scored already (--engine ray), in the order of samples
+        records = det.inspect_many([str(s.path) for s in samples], name, progress=Progress("eval", category))
     for s, record in zip(samples, records, strict=True):
         if not record.ok:
             failed.append({"path": str(s.path), "error": record.error})
             continue
         result = record.result
+        report = (record.explanation or {}).get("report")
         if tracker is not None:
-            tracker.add(s.category, s.label, (record.explanation or {}).get("report"))
+            tracker.add(s.category, s.label, report)
+        lvlm_row = {}
+        if lvlm_eval is not None:
+            image = load_image(s.path) if lvlm_eval.needs_image else None
+            lvlm_row = lvlm_eval.observe(s.category, s.label, image=image, detector=result.pred_label, report=report)
         scores.append(result.pred_score)
         labels.append(s.label)
         maps.append(_resize_map(result.anomaly_map, size))
@@ -99,6 +112,7 @@ def _evaluate_category(
                 "pred_score": float(result.pred_score),
                 "mask": str(s.mask_path) if s.mask_path else None,
                 "map": str(map_path) if map_path else None,
+                **lvlm_row,
             }
         )
     keep, bad = np.array(pixel_ok, bool), np.array(labels, int) == 1
@@ -185,47 +199,83 @@ def _check_json_out(out: str | None) -> None:
         raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
 
 
+def _ray_records(
+    det: Any, picked: dict[str, list[Any]], args: argparse.Namespace, options: Any, explain: Any, rules: Any
+) -> dict[str, list[Any]]:
+    """Every category's records, scored on a Ray actor pool (each category one group with its references)."""
+    from vlad.data import prompt_name, reference_images
+    from vlad.distributed import Group, ray_inspect
+
+    groups = [
+        Group(
+            category,
+            prompt_name(category),
+            [str(s.path) for s in samples],
+            reference_images(args.root, args.layout, category, args.shots, seed=args.seed) if args.shots > 0 else [],
+        )
+        for category, samples in picked.items()
+    ]
+    records: dict[str, list[Any]] = {g.key: [None] * len(g.paths) for g in groups}
+    factory = functools.partial(build_detector, args, explain=explain, rules=rules)
+    progress, total = Progress("eval", "all categories"), sum(len(g.paths) for g in groups)
+    scorer = det.scorer
+    remote = ray_inspect(factory, groups, options, transductive=scorer.transductive, batch_size=scorer.batch_size)
+    for done, item in enumerate(remote, 1):
+        records[item.group][item.record.index] = item.record
+        progress(done, total)
+    return records
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from vlad.data import load_dataset, prompt_name, reference_images
     from vlad.data.defects import prompt_overlap_warnings
     from vlad.metrics import macro_mean
 
     rules = check_options(args, has_references=args.shots > 0)
+    engine = engine_options(args)
     _check_json_out(args.out)
     maps_dir = _eval_maps_dir(args)
     samples = load_dataset(args.root, args.layout, args.category, split="test")
     by_category: dict[str, list[Any]] = defaultdict(list)
     for s in samples:
         by_category[s.category].append(s)
-    explain = tracker = None
+    explain = tracker = lvlm_eval = None
+    _check_lvlm_mode(args)
     if args.lvlm:
         from vlad.cli.chat import explain_options
         from vlad.explain.verdicts import VerdictTracker
 
         explain = explain_options(args)
         explain.check()
-        tracker = VerdictTracker()
+        tracker = VerdictTracker() if args.lvlm_mode != "blind" else None
     # concept rules change prompts / features and so the scores; region and verdict rules change labels only,
     # which the threshold-free metrics below do not read
-    det = build_detector(args, explain=explain, rules=rules)
+    det = build_detector(args, explain=explain if tracker is not None else None, rules=rules)
+    if args.lvlm:
+        lvlm_eval = _lvlm_evaluation(args, det)
     scorer = det.scorer
     started = time.perf_counter()
     results: dict[str, Any] = {}
-    for category, items in sorted(by_category.items()):
+    picked = {c: _limit(items, args.limit, args.seed) for c, items in sorted(by_category.items())}
+    remote = _ray_records(det, picked, args, engine, explain, rules) if engine is not None else {}
+    for category, items in picked.items():
         name = prompt_name(category)
-        if args.shots > 0:
+        if category in remote:
+            pass  # scored on the Ray workers, which fitted the category's references
+        elif args.shots > 0:
             det.fit(reference_images(args.root, args.layout, category, args.shots, seed=args.seed))
         else:
             det.clear_references()
-        picked = _limit(items, args.limit, args.seed)
-        results[category] = _evaluate_category(det, picked, name, args, tracker, maps_dir)
+        results[category] = _evaluate_category(
+            det, items, name, args, tracker, maps_dir, lvlm_eval, remote.get(category)
+        )
     images = [record for r in results.values() for record in r.pop("images")]
     per_category = {c: r["metrics"] for c, r in results.items()}
     mean = macro_mean(per_category)
     notes = {c: r["pixel_metrics_note"] for c, r in results.items() if r["pixel_metrics_note"]}
     _print_metrics(per_category, mean, notes)
-    if tracker is not None:
-        print(f"\nlanguage-model verdicts ({args.lvlm}):\n{tracker.format_table()}")
+    if lvlm_eval is not None:
+        print(f"\nlanguage-model verdicts ({args.lvlm}, {args.lvlm_mode}):\n{lvlm_eval.format_tables()}")
     failed = sum(len(r["failed"]) for r in results.values())
     payload = {
         "settings": {
@@ -246,6 +296,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "pixel_metrics_note": "; ".join(f"{c}: {n}" for c, n in notes.items()) or None,
         "images": images,
         "lvlm_verdicts": None if tracker is None else {"lvlm": args.lvlm, **tracker.summary()},
+        "lvlm_eval": None if lvlm_eval is None else {"lvlm": args.lvlm, **lvlm_eval.summary()},
         "seconds": round(time.perf_counter() - started, 2),
         "warnings": list(scorer.warnings()) + prompt_overlap_warnings(scorer, samples),
     }
@@ -260,6 +311,34 @@ def run_eval(args: argparse.Namespace) -> int:
     if failed:
         print(f"vlad eval: {failed} images could not be read (listed in the JSON)", file=sys.stderr)
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _check_lvlm_mode(args: argparse.Namespace) -> None:
+    """``--lvlm-mode`` needs ``--lvlm``, and blind needs a model (checked before any model loads)."""
+    if args.lvlm_mode is None:
+        args.lvlm_mode = "grounded"
+    elif not args.lvlm:
+        raise UsageError(f"--lvlm-mode {args.lvlm_mode} needs --lvlm SPEC (a language model to ask)")
+    if args.lvlm and args.lvlm_mode != "grounded":
+        from vlad.explain.backends import parse_backend_spec
+
+        if parse_backend_spec(args.lvlm).kind == "template":
+            raise UsageError(
+                f"--lvlm-mode {args.lvlm_mode} needs a language model (--lvlm openai:... or transformers:...); "
+                "the template has no opinion of its own"
+            )
+
+
+def _lvlm_evaluation(args: argparse.Namespace, det: Any) -> Any:
+    """The blind / grounded LVLM verdict collector; blind asks the pipeline's own backend when it has one."""
+    from vlad.explain.backends import load_backend
+    from vlad.explain.lvlm_eval import LVLMEvaluation
+
+    backend = None
+    if args.lvlm_mode in ("blind", "both"):
+        explainer = det.explainer
+        backend = explainer.backend() if explainer is not None else load_backend(args.lvlm, timeout=args.lvlm_timeout)
+    return LVLMEvaluation(args.lvlm_mode, backend)
 
 
 def _clean(obj: Any) -> Any:
@@ -311,9 +390,18 @@ def register(subparsers: Any) -> dict[str, Any]:
     )
     e.add_argument("--maps-dir", default=None, help="folder for the saved anomaly maps (implies --save-maps)")
     add_model_options(e)
+    add_engine_options(e)
     add_adapter_option(e)
     add_rules_option(e)
-    add_lvlm_options(e.add_argument_group("language-model verdicts (optional)"))
+    lvlm = e.add_argument_group("language-model verdicts (optional)")
+    add_lvlm_options(lvlm)
+    lvlm.add_argument(
+        "--lvlm-mode",
+        default=None,
+        choices=["blind", "grounded", "both"],
+        help="blind: the model sees only the photo and is asked yes/no; grounded (default): it reads vlad's "
+        "evidence and reports its own verdict; both",
+    )
     e.set_defaults(lvlm=None)
 
     return {"eval": run_eval}

@@ -29,7 +29,7 @@ def run_export(args: argparse.Namespace) -> int:
     check_options(args, has_references=bool(args.refs))
     options = {
         k: getattr(args, k)
-        for k in ("backbone", "device", "precision", "profile", "detector", "dattn", "concepts")
+        for k in ("backbone", "device", "precision", "profile", "detector", "dattn", "concepts", "tile")
         if getattr(args, k, None) is not None
     }
     check_export(args.scorer, args.object_name, args.out, options, has_references=bool(args.refs))

@@ -10,6 +10,7 @@ from vlad._optional import require
 from vlad.cli.common import (
     EXIT_OK,
     UsageError,
+    tile_option,
 )
 
 
@@ -30,6 +31,7 @@ def run_serve(args: argparse.Namespace) -> int:
         device=args.device,
         profile=args.profile,
         adapter=args.adapter,
+        tile=args.tile,
     )
     print(f"vlad web UI on http://{args.host}:{args.port}", flush=True)
     launch(demo, host=args.host, port=args.port, auth=auth)
@@ -48,5 +50,12 @@ def register(subparsers: Any) -> dict[str, Any]:
     s.add_argument("--device", default="auto")
     s.add_argument("--profile", default=None, choices=["paper", "vlad"], help="scorer profile (default paper)")
     s.add_argument("--adapter", default=None, metavar="NAME_OR_PATH", help="learned or imported adapter for the scorer")
+    s.add_argument(
+        "--tile",
+        type=tile_option,
+        default=None,
+        metavar="SIZE|auto",
+        help="score large uploads as overlapping tiles of SIZE pixels, or auto (see `vlad detect --help`)",
+    )
     s.add_argument("--auth", default=None, help="user:password for basic login")
     return {"serve": run_serve}

@@ -5,16 +5,22 @@ The language model is asked for an :class:`~vlad.explain.schema.AnomalyReport` a
 described in the prompt; ``response_format`` is sent as well where the server takes it (vLLM). A reply that does not
 validate gets one repair turn; if that fails too, the reply is counted as unparseable (``unparseable`` True, the
 reason in ``error``) and the explanation comes from the template, saying so. A backend failure (server down, timeout,
-HTTP error) also falls back to the template and says so. Nothing here raises for a model's misbehaviour.
+HTTP error) also falls back to the template and says so. A reply cut at the token limit (after the backend's one
+retry with more tokens, where the server allows it) gets the repair turn with that reason; cut again, it is counted
+unparseable and marked ``truncated``, its reason "truncated: the answer hit the N-token limit" rather than a JSON
+error. When the server takes fewer pictures per request than the evidence has (vLLM's ``--limit-mm-per-prompt``), the
+request is sent again once with the pictures that matter most (:func:`fewer_pictures`), and ``warning`` says so.
+Nothing here raises for a model's misbehaviour.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from vlad.explain.errors import LVLMError, LVLMUnavailable
+from vlad.explain.errors import LVLMError, LVLMTruncated, LVLMUnavailable, TooManyImages
 from vlad.explain.evidence import Evidence
 from vlad.explain.schema import SCHEMA_NAME, AnomalyReport, ParsedReply, parse_report, report_json_schema
 from vlad.explain.template import explain_text, prompts, template_report
@@ -39,6 +45,9 @@ class ExplainOutcome:
         assistant_text: what the conversation records as the first answer.
         backend_down: True when the backend could not be reached or loaded (callers may stop trying it).
         failure: the bare one-line reason of a backend failure or an unparseable reply (``error`` adds what was done).
+        truncated: True when the last reply stopped at the token limit (it is then unparseable, and ``failure`` says
+            ``truncated: the answer hit the N-token limit ...`` instead of a JSON error).
+        warning: None, or one line about something that went right only in part (fewer pictures were sent).
     """
 
     explanation: Explanation
@@ -49,6 +58,8 @@ class ExplainOutcome:
     assistant_text: str = ""
     backend_down: bool = False
     failure: str | None = None
+    truncated: bool = False
+    warning: str | None = None
 
     @property
     def report(self) -> dict[str, Any] | None:
@@ -137,9 +148,23 @@ def explain(evidence: Evidence, backend: Any, *, max_tokens: int = DEFAULT_MAX_T
         # the template restates the detector: it has no opinion, so the model's-opinion fields stay empty
         report = {**template_report(facts).model_dump(), **dict.fromkeys(MODEL_OPINION_FIELDS)}
         return ExplainOutcome(Explanation(text=text, backend="template", report=report), assistant_text=text)
-    template = prompts()["template"]
+    return _model_explain(evidence, backend, max_tokens)
+
+
+def _model_explain(evidence: Evidence, backend: Any, max_tokens: int) -> ExplainOutcome:
+    """:func:`explain` with a model backend: the report request (at most the pictures the server takes), validation
+    and the fallbacks."""
+    template, facts = prompts()["template"], evidence.facts
+    shown = fewer_pictures(evidence, getattr(backend, "image_limit", None))
     try:
-        parsed, reply, repaired = _request_report(backend, report_messages(evidence), max_tokens)
+        try:
+            parsed, reply, repaired, cut = _request_report(backend, report_messages(shown), max_tokens)
+        except TooManyImages as exc:
+            if not 0 < exc.limit < len(shown.images):
+                raise
+            logger.info("%s takes %d picture(s) per request; asking again with fewer", backend.spec, exc.limit)
+            shown = fewer_pictures(evidence, exc.limit)
+            parsed, reply, repaired, cut = _request_report(backend, report_messages(shown), max_tokens)
     except LVLMError as exc:
         logger.info("LVLM %s failed: %s", backend.spec, exc)
         note = template["fallback"].format(spec=backend.spec, error=exc).strip()
@@ -151,6 +176,7 @@ def explain(evidence: Evidence, backend: Any, *, max_tokens: int = DEFAULT_MAX_T
             backend_down=isinstance(exc, LVLMUnavailable),
             failure=str(exc),
         )
+    warning = pictures_note(evidence, shown)
     if parsed.report is None:
         note = template["unparseable"].format(spec=backend.spec, error=parsed.error).strip()
         text = explain_text(facts)
@@ -162,33 +188,80 @@ def explain(evidence: Evidence, backend: Any, *, max_tokens: int = DEFAULT_MAX_T
             raw_reply=reply,
             assistant_text=text,
             failure=parsed.error,
+            truncated=cut,
+            warning=warning,
         )
     text = report_text(parsed.report, facts)
     report = parsed.report.model_dump()
     return ExplainOutcome(
-        Explanation(text, backend.spec, report), repaired=repaired, raw_reply=reply, assistant_text=text
+        Explanation(text, backend.spec, report),
+        repaired=repaired,
+        raw_reply=reply,
+        assistant_text=text,
+        warning=warning,
     )
 
 
-def _request_report(backend: Any, messages: list[Message], max_tokens: int) -> tuple[ParsedReply, str, bool]:
-    """Asks for the report; on an invalid reply, asks once more quoting the problem.
+def _request_report(backend: Any, messages: list[Message], max_tokens: int) -> tuple[ParsedReply, str, bool, bool]:
+    """Asks for the report; on an invalid or truncated reply, asks once more quoting the problem.
 
     Returns:
-        (the last parse, the last reply text, whether the repair turn was needed).
+        (the last parse, the last reply text, whether the repair turn was needed, whether the last reply was cut at
+        the token limit).
     """
     schema = {"name": SCHEMA_NAME, "schema": report_json_schema()}
-    reply = backend.complete(messages, max_tokens=max_tokens, json_schema=schema)
+    reply, cut = _complete(backend, messages, max_tokens, schema)
     parsed = parse_report(reply)
     if parsed.report is not None:
-        return parsed, reply, False
-    logger.info("LVLM reply did not validate (%s); one repair turn", parsed.error)
+        return parsed, reply, False, False
+    problem = cut or parsed.error
+    logger.info("LVLM reply did not validate (%s); one repair turn", problem)
     repair = [
         *messages,
         {"role": "assistant", "content": reply},
-        {"role": "user", "content": prompts()["repair"].format(error=parsed.error).strip()},
+        {"role": "user", "content": prompts()["repair"].format(error=problem).strip()},
     ]
-    reply = backend.complete(repair, max_tokens=max_tokens, json_schema=schema)
-    return parse_report(reply), reply, True
+    reply, cut = _complete(backend, repair, max_tokens, schema)
+    parsed = parse_report(reply)
+    if parsed.report is None and cut:
+        return ParsedReply(None, cut), reply, True, True
+    return parsed, reply, True, False
+
+
+def _complete(backend: Any, messages: list[Message], max_tokens: int, schema: dict) -> tuple[str, str | None]:
+    """(the reply text, None) or, for a reply cut at the token limit, (its partial text, the one-line reason)."""
+    try:
+        return backend.complete(messages, max_tokens=max_tokens, json_schema=schema), None
+    except LVLMTruncated as exc:
+        return exc.partial, str(exc)
+
+
+PICTURE_PRIORITY = ("overlay", "image", "crop", "reference")
+"""Which pictures stay when a server takes fewer: the heat-map overlay (it carries the detector's finding), the photo,
+the crops (strongest region first, as they are ordered), then the normal reference."""
+
+
+def fewer_pictures(evidence: Evidence, limit: int | None) -> Evidence:
+    """The evidence with at most ``limit`` pictures, chosen by :data:`PICTURE_PRIORITY` and shown in their original
+    order; the evidence itself when it has no more than that (or ``limit`` is None)."""
+    if limit is None or len(evidence.images) <= limit:
+        return evidence
+    rank = {kind: i for i, kind in enumerate(PICTURE_PRIORITY)}
+    order = sorted(range(len(evidence.images)), key=lambda i: (rank.get(evidence.images[i].kind, len(rank)), i))
+    keep = sorted(order[: max(limit, 0)])
+    return dataclasses.replace(evidence, images=[evidence.images[i] for i in keep])
+
+
+def pictures_note(evidence: Evidence, shown: Evidence) -> str | None:
+    """The ``[note: ...]`` saying that fewer pictures were sent than the evidence has, or None."""
+    if len(shown.images) >= len(evidence.images):
+        return None
+    kept = ", ".join("photo" if p.kind == "image" else p.kind for p in shown.images) or "none"
+    return (
+        prompts()["template"]["fewer_pictures"]
+        .format(limit=len(shown.images), kept=f"{len(shown.images)} ({kept})", total=len(evidence.images))
+        .strip()
+    )
 
 
 def report_text(report: AnomalyReport, facts: dict[str, Any]) -> str:

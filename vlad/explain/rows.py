@@ -1,7 +1,8 @@
 """Explanations for report rows: one :class:`RowExplainer` per run, with typed options (no argparse here).
 
 ``RowExplainer(ExplainOptions(lvlm="openai:http://127.0.0.1:8000/v1")).explain(image, result, "bottle")`` gives the
-keys a report row gains: ``explanation``, ``report``, ``lvlm``, ``explain_error``. Nothing here fails the caller
+keys a report row gains: ``explanation``, ``report``, ``lvlm``, ``explain_error`` (what went wrong, or a ``[note: ...]``
+when only part of the evidence could be sent). Nothing here fails the caller
 because of a language model: failures fall back to the template explanation and say so. A backend found unavailable
 is remembered for the rest of the run (one timeout, not one per image) and reported once through ``on_down``.
 """
@@ -97,7 +98,7 @@ class RowExplainer:
                 self._down = outcome.failure or "unavailable"
                 if self.on_down is not None:
                     self.on_down(f"the LVLM {spec} is unavailable ({self._down}); explanations use the template")
-            return _row(outcome.explanation.text, outcome.report, spec, outcome.error)
+            return _row(outcome.explanation.text, outcome.report, spec, outcome.error or outcome.warning)
         except Exception as exc:  # noqa: BLE001 -- an explanation must never fail a detection run
             logger.warning(
                 "explanation failed for %s: %s", object_name, exc, exc_info=logger.isEnabledFor(logging.DEBUG)

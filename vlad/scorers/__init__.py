@@ -46,16 +46,26 @@ _FACTS: dict[str, tuple[str, tuple[float, float], bool]] = {
 }
 
 
+_TRANSDUCTIVE = frozenset({"musc"})
+"""Scorers whose scores depend on the whole batch (they cannot tile)."""
+
+
 def scorer_facts(name: str) -> dict[str, Any]:
     """What can be checked about a scorer before building it (imports nothing heavy): its default backbone spec,
-    the range of its raw scores (where a threshold means something) and whether it needs normal references."""
+    the range of its raw scores (where a threshold means something), whether it needs normal references and whether
+    it is transductive (scores depend on the whole batch)."""
     from vlad.backbones import DEFAULT_BACKBONE, WINCLIP_BACKBONE
 
     if name not in _FACTS:
         raise UnknownScorerError(f"unknown scorer {name!r}; available: {', '.join(list_scorers())}")
     family, score_range, needs_references = _FACTS[name]
     backbone = DEFAULT_BACKBONE if family == "dense" else WINCLIP_BACKBONE
-    return {"default_backbone": backbone, "score_range": score_range, "needs_references": needs_references}
+    return {
+        "default_backbone": backbone,
+        "score_range": score_range,
+        "needs_references": needs_references,
+        "transductive": name in _TRANSDUCTIVE,
+    }
 
 
 def list_scorers() -> list[str]:

@@ -28,6 +28,7 @@ from vlad.backbones.clip import ClipBackbone
 from vlad.data.images import ImageLike, as_pil  # re-exported: scorers and the pipeline import them from here
 from vlad.errors import ConfigError
 from vlad.result import AnomalyResult
+from vlad.scorers.tiling import DEFAULT_OVERLAP, Tiling, stitch
 from vlad.thresholds import (
     MIN_REFERENCES_FOR_CALIBRATION,
     RECOMMENDED_REFERENCES,
@@ -74,6 +75,9 @@ class Scorer:
             concept subspace before scoring.
         profile: ``paper`` (the official code's computation, the default) or ``vlad`` (see :data:`PROFILES`);
             None means the default, and an imported official checkpoint may then select ``paper`` itself.
+        tile: score high-resolution images as overlapping tiles of this many pixels, or ``auto`` (see
+            :mod:`vlad.scorers.tiling`); None scores every image whole.
+        tile_overlap: share of a tile that overlaps its neighbour.
     """
 
     name: ClassVar[str] = ""
@@ -94,8 +98,16 @@ class Scorer:
         batch_size: int = 8,
         concepts: str | Any | None = None,
         profile: str | None = None,
+        tile: int | str | None = None,
+        tile_overlap: float = DEFAULT_OVERLAP,
     ) -> None:
         check_sensitivity(sensitivity)
+        self.tiling = Tiling.parse(tile, tile_overlap)
+        if self.tiling is not None and self.transductive:
+            raise ConfigError(
+                f"scorer {self.name} scores each image against the others in its batch, so it cannot tile; "
+                "score it without --tile"
+            )
         self.profile = check_profile(profile)
         self.profile_explicit = profile is not None
         if batch_size < 1:
@@ -113,7 +125,10 @@ class Scorer:
         self.batch_size = batch_size
         self._references: Features | None = None
         self._n_references = 0
+        self._tile_refs: Features | None = None  # few-shot features of the references' tiles (with tiling)
+        self._tile_owner: torch.Tensor | None = None  # (rows,) the reference each tile row comes from
         self._calibrated: dict[str, Thresholds] = {}
+        self._calibrated_tiled: dict[str, Thresholds] = {}
         self._calibration_warning: str | None = None
         self.transform = self._concept_transform(concepts)
         self.adapter: str | None = None  # set by vlad.adapters.apply_adapter
@@ -147,6 +162,7 @@ class Scorer:
     def invalidate_calibration(self) -> None:
         """Forget calibrated thresholds (they depend on the text prototypes and the transform)."""
         self._calibrated.clear()
+        self._calibrated_tiled.clear()
 
     def steer(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) normalised features -> the LAFT-transformed, renormalised features (identity without concepts)."""
@@ -202,23 +218,39 @@ class Scorer:
             raise ConfigError("fit() needs at least one normal reference image")
         self._references = self._extract_many(images)
         self._n_references = len(images)
-        self._calibrated.clear()
+        if self.tiling is not None:
+            self._fit_tiles(images)
+        self.invalidate_calibration()
         return self
+
+    def _fit_tiles(self, images: Sequence[Image.Image]) -> None:
+        """The references cut into tiles the way an input of their size is (a reference that fits in one tile is one
+        tile), their features pooled into the tile memory with the reference each row comes from."""
+        crops, owners = [], []
+        for i, im in enumerate(images):
+            side = self.tiling.side_for(im.size, self.image_size) if self.tiling else None
+            boxes = self.tiling.boxes(im.size, side) if self.tiling and side else [(0, 0, *im.size)]
+            crops += [im.crop(b) for b in boxes]
+            owners += [i] * len(boxes)
+        self._tile_refs = self._extract_many(crops)
+        self._tile_owner = torch.tensor(owners)
 
     def clear_references(self) -> Scorer:
         """Back to zero-shot."""
         self._references = None
         self._n_references = 0
-        self._calibrated.clear()
+        self._tile_refs = self._tile_owner = None
+        self.invalidate_calibration()
         return self
 
-    def thresholds(self, object_name: str) -> Thresholds:
-        """The thresholds in force for ``object_name``, sensitivity applied."""
+    def thresholds(self, object_name: str, *, tiled: bool = False) -> Thresholds:
+        """The thresholds in force for ``object_name``, sensitivity applied (``tiled``: for tiled inputs, calibrated
+        on the references scored as tiled inputs)."""
         base = Thresholds(self.default_threshold, self.default_threshold, self.default_scale, self.default_scale)
         self._calibration_warning = None
         if self.few_shot:
             if self._n_references >= MIN_REFERENCES_FOR_CALIBRATION:
-                base = self._calibrate(object_name)
+                base = self._calibrate_tiled(object_name) if tiled else self._calibrate(object_name)
                 if self._n_references < RECOMMENDED_REFERENCES:
                     self._calibration_warning = (
                         f"thresholds calibrated on only {self._n_references} reference images are rough; give "
@@ -248,6 +280,29 @@ class Scorer:
             self._calibrated[object_name] = calibrate(scores, maxima, min_scale=MIN_SCALE_FRACTION * self.default_scale)
         return self._calibrated[object_name]
 
+    def _calibrate_tiled(self, object_name: str) -> Thresholds:
+        """Leave-one-out on the references scored the way a tiled input is: each reference's whole view against the
+        others' whole views and its tiles against the others' tiles; its score is the larger of the two, its map
+        maximum the highest tile map value."""
+        if object_name not in self._calibrated_tiled:
+            refs, tiles, owner = self._references, self._tile_refs, self._tile_owner
+            if refs is None or tiles is None or owner is None:  # guarded by few_shot and fit
+                raise ConfigError(f"scorer {self.name} has no tiled references to calibrate on")
+            scores, maxima = [], []
+            for i in range(self._n_references):
+                keep = torch.ones(self._n_references, dtype=torch.bool)
+                keep[i] = False
+                one = {k: v[i : i + 1] for k, v in refs.items()}
+                whole, _ = self._score(one, object_name, self._memory(refs, keep))
+                mine = owner == i
+                s, m = self._score({k: v[mine] for k, v in tiles.items()}, object_name, self._memory(tiles, ~mine))
+                scores.append(max(float(whole[0]), float(s.max())))
+                maxima.append(float(m.max()))
+            self._calibrated_tiled[object_name] = calibrate(
+                scores, maxima, min_scale=MIN_SCALE_FRACTION * self.default_scale
+            )
+        return self._calibrated_tiled[object_name]
+
     # ------------------------------------------------------------------ scoring
     def _extract_many(self, images: Sequence[Image.Image]) -> Features:
         parts: list[Features] = []
@@ -261,25 +316,66 @@ class Scorer:
         return self.score_many([image], object_name)[0]
 
     def score_many(self, images: Sequence[ImageLike], object_name: str = "object") -> list[AnomalyResult]:
-        """Score images of one product in batches. Bad paths raise :class:`~vlad.errors.ImageLoadError`."""
+        """Score images of one product in batches (large ones as tiles when tiling is on). Bad paths raise
+        :class:`~vlad.errors.ImageLoadError`."""
         object_name = object_name.strip() or "object"
         pil = [as_pil(im) for im in images]
-        th = self.thresholds(object_name)
-        memory = self._full_memory()
-        results: list[AnomalyResult] = []
-        for start in range(0, len(pil), self.batch_size):
-            batch = pil[start : start + self.batch_size]
-            t0 = time.perf_counter()
-            x = self.backbone.preprocess(batch, self.image_size)
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                feats = {k: v.float() for k, v in self._extract(x).items()}
-                scores, maps = self._score(feats, object_name, memory)
-            sync_device(self.backbone.device)
-            t2 = time.perf_counter()
-            timings = {"preprocess": (t1 - t0) / len(batch), "model": (t2 - t1) / len(batch)}
-            results += self._results(batch, scores, maps, th, timings)
-        return results
+        sides = [self.tiling.side_for(im.size, self.image_size) if self.tiling else None for im in pil]
+        whole = [i for i, side in enumerate(sides) if side is None]
+        results: dict[int, AnomalyResult] = {}
+        if whole:
+            th = self.thresholds(object_name)
+            memory = self._full_memory()
+            for start in range(0, len(whole), self.batch_size):
+                idx = whole[start : start + self.batch_size]
+                batch = [pil[i] for i in idx]
+                scores, maps, timings = self._forward(batch, object_name, memory)
+                results.update(zip(idx, self._results(batch, scores, maps, th, timings), strict=True))
+        for i, side in enumerate(sides):
+            if side is not None:
+                results[i] = self._score_tiled(pil[i], side, object_name)
+        return [results[i] for i in range(len(pil))]
+
+    def _forward(
+        self, batch: Sequence[Image.Image], object_name: str, memory: Features | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Raw scores (B,) and maps (B, h, w) of one batch, with per-image preprocess and model seconds."""
+        t0 = time.perf_counter()
+        x = self.backbone.preprocess(batch, self.image_size)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            feats = {k: v.float() for k, v in self._extract(x).items()}
+            scores, maps = self._score(feats, object_name, memory)
+        sync_device(self.backbone.device)
+        t2 = time.perf_counter()
+        return scores, maps, {"preprocess": (t1 - t0) / len(batch), "model": (t2 - t1) / len(batch)}
+
+    def _score_tiled(self, image: Image.Image, side: int, object_name: str) -> AnomalyResult:
+        """One image as its whole view plus overlapping tiles of ``side`` pixels (see :mod:`vlad.scorers.tiling`)."""
+        assert self.tiling is not None
+        th = self.thresholds(object_name, tiled=True)
+        whole_score, _, timings = self._forward([image], object_name, self._full_memory())
+        boxes = self.tiling.boxes(image.size, side)
+        memory = self._tile_memory()
+        tile_scores, tile_maps = [], []
+        for start in range(0, len(boxes), self.batch_size):
+            crops = [image.crop(b) for b in boxes[start : start + self.batch_size]]
+            s, m, t = self._forward(crops, object_name, memory)
+            tile_scores.append(s.float().cpu())
+            tile_maps += list(m)
+            for key in timings:
+                timings[key] += t[key] * len(crops)
+        t_start = time.perf_counter()
+        amap = stitch(tile_maps, boxes, image.size, self.tiling.ramp(side), smooth=self._smooth)
+        score = max(float(whole_score[0]), float(torch.cat(tile_scores).max()))
+        result = self._result(score, amap, th, timings, t_start)
+        return result.replace(meta={**result.meta, "tile": side, "tiles": len(boxes)})
+
+    def _tile_memory(self) -> Features | None:
+        """The patch memory of all reference tiles, or None in zero-shot mode."""
+        if self._tile_refs is None or self._tile_owner is None:
+            return None
+        return self._memory(self._tile_refs, torch.ones(len(self._tile_owner), dtype=torch.bool))
 
     def _full_memory(self) -> Features | None:
         """The patch memory of all references, or None in zero-shot mode."""
@@ -354,6 +450,7 @@ class Scorer:
             "concepts": None if self.transform is None else self.transform.describe(),
             "adapter": self.adapter,
             "profile": self.profile,
+            "tile": None if self.tiling is None else self.tiling.describe(),
         }
 
 

@@ -233,7 +233,7 @@ class FiloScorer(CraneScorer):
         return text
 
     # ------------------------------------------------------------------ HQ-Loc
-    def thresholds(self, object_name: str) -> Thresholds:
+    def thresholds(self, object_name: str, *, tiled: bool = False) -> Thresholds:
         """The thresholds for ``object_name`` (see the base class); scoring a product starts here, so this also
         names the product for the detector's caption and notes when it gets the generic defect phrases."""
         name = object_name.strip() or "object"
@@ -244,7 +244,7 @@ class FiloScorer(CraneScorer):
             if name not in self._warned_generic:
                 self._warned_generic.add(name)
                 logger.warning(self._phrase_warning)
-        return super().thresholds(object_name)
+        return super().thresholds(object_name, tiled=tiled)
 
     @classmethod
     def export_refusal(cls, options: dict) -> str | None:

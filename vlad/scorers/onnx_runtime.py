@@ -120,12 +120,17 @@ class OnnxScorer:
         profile: str | None = None,
         threads: int | None = None,
         spec: str | None = None,
+        tile: int | str | None = None,
+        tile_overlap: float | None = None,
         **fixed: Any,
     ) -> None:
         self.directory = Path(directory).expanduser()
         m = self.manifest = read_manifest(self.directory)
         self.name = m["scorer"]
         self._check_settings(name, precision, image_size, profile, batch_size, fixed)
+        if tile is not None:
+            raise ConfigError(f"--tile: the {self.name} export in {self.directory} scores whole images only")
+        self.tiling = None
         self.session = _session(self.directory / MODEL_FILE, device, threads)
         device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         spec = spec or f"{ONNX_PREFIX}{directory}"
@@ -208,8 +213,9 @@ class OnnxScorer:
         """Nothing to forget: the thresholds were fixed at export."""
 
     # ------------------------------------------------------------------ scoring
-    def thresholds(self, object_name: str) -> Thresholds:
-        """The thresholds baked at export (default or calibrated), then the user threshold and the sensitivity."""
+    def thresholds(self, object_name: str, *, tiled: bool = False) -> Thresholds:
+        """The thresholds baked at export (default or calibrated), then the user threshold and the sensitivity
+        (exports score whole images: ``tiled`` is always False here)."""
         self._check_object(object_name.strip() or "object")
         base = Thresholds(**self.manifest["thresholds"])
         if self.user_threshold is not None:
