@@ -329,15 +329,7 @@ def _manifest(
         "detector": getattr(scorer, "detector_spec", None),
         "dattn": _dattn(scorer),
         "settings": settings,
-        "preprocess": {
-            "resize": "bicubic",
-            "size": [scorer.image_size, scorer.image_size],
-            "keep_aspect": False,
-            "scale": "1/255",
-            "mean": [float(v) for v in backbone._mean.flatten()],
-            "std": [float(v) for v in backbone._std.flatten()],
-            "layout": "NCHW, RGB, float32",
-        },
+        "preprocess": _preprocess_spec(scorer),
         "graph": {
             "input": {"name": INPUT_NAME, "shape": ["batch", 3, scorer.image_size, scorer.image_size]},
             "outputs": {"scores": ["batch"], "maps": ["batch", *check["map_shape"]]},
@@ -355,4 +347,18 @@ def _manifest(
         "check": check,
         "model": {"file": MODEL_FILE, "sha256": sha256(model), "bytes": model.stat().st_size},
         "external_data": {p.name: sha256(p) for p in data},
+    }
+
+
+def _preprocess_spec(scorer: Scorer) -> dict[str, Any]:
+    """What :meth:`vlad.backbones.clip.ClipBackbone.preprocess` does, as the runtime redoes it."""
+    backbone = scorer.backbone
+    return {
+        "resize": "bicubic",
+        "size": [scorer.image_size, scorer.image_size],
+        "keep_aspect": False,
+        "scale": "1/255",
+        "mean": [float(v) for v in backbone._mean.flatten()],
+        "std": [float(v) for v in backbone._std.flatten()],
+        "layout": "NCHW, RGB, float32",
     }
