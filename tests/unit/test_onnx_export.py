@@ -295,6 +295,8 @@ def test_the_runtime_holds_the_export_to_its_scorer_object_and_settings(exports,
     )
     with pytest.raises(ConfigError, match="holds its 3 references: export again with --refs to change them"):
         det.fit(refs)
+    with pytest.raises(ConfigError, match="has its 3 references baked in and cannot score zero-shot: export again"):
+        det.clear_references()
     with pytest.raises(ConfigError, match="baked in .export again to change them.; export with --adapter instead"):
         Detector("crane", backbone=f"onnx:{folder}", adapter="nothing-needed")
 

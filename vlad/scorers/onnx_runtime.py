@@ -202,8 +202,12 @@ class OnnxScorer:
         raise ConfigError(f"the {self.name} export in {self.directory} {held}: export again with --refs to change them")
 
     def clear_references(self) -> OnnxScorer:
+        """Nothing to do for a zero-shot export; a ConfigError for a few-shot one (its references are in the graph)."""
         if self.few_shot:
-            self.fit([])
+            raise ConfigError(
+                f"the {self.name} export in {self.directory} has its {self.n_references} references baked in and "
+                "cannot score zero-shot: export again without --refs"
+            )
         return self
 
     def set_transform(self, transform: Any, *, references: Sequence[ImageLike] | None = None) -> None:
