@@ -363,6 +363,8 @@ def apply_adapter(scorer: Scorer, adapter: Adapter | str | Path) -> Scorer:
         ConfigError: wrong backbone, wrong scorer kind, LoRA on a scorer that already holds few-shot references, or
             weights that do not fit the model.
     """
+    if getattr(scorer, "baked", None):  # an exported model (vlad.export)
+        raise ConfigError(f"cannot apply adapter {adapter}: {scorer.baked}; export with --adapter instead")
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter)
     check_backbone(adapter, scorer.backbone)

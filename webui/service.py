@@ -165,7 +165,8 @@ class InspectorService:
         if self.tile is not None and name != "musc":  # musc scores images against each other: it cannot tile
             kwargs["tile"] = self.tile
         if name == "filo":
-            kwargs["detector"] = "none" if (backbone or self.backbone or "").startswith("random:") else "grounding-dino"
+            no_detector = (backbone or self.backbone or "").startswith(("random:", "onnx:"))  # exports run without one
+            kwargs["detector"] = "none" if no_detector else "grounding-dino"
         built = get_scorer(name, **kwargs)
         if self.adapter:
             from vlad.adapters import apply_adapter

@@ -27,6 +27,8 @@ PACKAGES = ["vlad", "webui"]
 # - checkpoints (importing official Crane/AnomalyCLIP releases as adapters) and prompt_learner (the trainable text
 #   prompts, shared by adapters and training) go with scorers/adapters/training, and so does training_lvlm (LoRA on
 #   the explainer's language model; explain.backends reads its adapter check).
+# - export (tracing a built scorer to ONNX) goes with the scorers: it needs a scorer and an adapter, nothing above;
+#   the onnxruntime side is vlad.scorers.onnx_runtime (reached through vlad.scorers.get_scorer).
 # - the ``vlad`` package itself is the public facade (vlad.Detector, vlad.get_scorer): the pipeline layer. Library
 #   modules take ``__version__`` from vlad._version, never from ``vlad``.
 # - reportlog (a run's report.jsonl and files, resumable, local or fsspec) and distributed (the Ray engine) sit with
@@ -58,6 +60,7 @@ LAYERS = Layers(
                 "vlad.prompt_learner",
                 "vlad.checkpoints",
                 "vlad.training",
+                "vlad.export",
                 "vlad.training_lvlm",
             ],
         ),

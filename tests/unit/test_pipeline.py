@@ -90,6 +90,7 @@ def test_the_scorer_rules_overlay_explanation_sequence_exists_once():
     allowed = {
         "vlad/pipeline.py": wiring,
         "vlad/scorers/base.py": {"score_many"},  # score() is score_many([image])
+        "vlad/scorers/onnx_runtime.py": {"score_many"},  # the same for an exported scorer
         "vlad/scorers/laft.py": {"score_many"},  # super() calls
         "vlad/scorers/filo.py": {"score_many"},
         "vlad/explain/evidence.py": {"render_result"},  # the overlay picture inside the LVLM's evidence

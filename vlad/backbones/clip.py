@@ -268,6 +268,8 @@ class ClipBackbone:
         index = torch.cat([torch.zeros_like(windows[:, :1]), windows + 1], dim=1).to(embeddings.device)
         seqs = embeddings[:, index]  # (B, W, 1 + k, width)
         seqs = seqs.reshape(-1, *seqs.shape[2:])
+        if torch.compiler.is_exporting():  # a symbolic batch (vlad.export): one pass, no loop over its size
+            return self.project_global(self.run_blocks(seqs)[0]).reshape(b, windows.shape[0], -1)
         outs = []
         for start in range(0, seqs.shape[0], chunk):
             out, _ = self.run_blocks(seqs[start : start + chunk])

@@ -14,6 +14,9 @@ from pathlib import Path
 from vlad.errors import BackboneError, WeightsNotFoundError
 
 TINY_MODEL = "vlad-tiny"
+ONNX_PREFIX = "onnx:"
+"""``onnx:DIR`` names a model exported by ``vlad export --format onnx`` (run by onnxruntime, see
+:mod:`vlad.scorers.onnx_runtime`): a scorer's backbone spec, but not a CLIP that :func:`parse_spec` loads."""
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _SPEC_FORMS = (
     "openclip:NAME@TAG, openclip:NAME@/path/weights.safetensors, openclip:local-dir:/path, "
@@ -47,6 +50,11 @@ def parse_spec(spec: str) -> BackboneSpec:
     spec = spec.strip()
     if not spec:
         raise BackboneError(f"empty backbone spec; use one of: {_SPEC_FORMS}")
+    if is_onnx_spec(spec):
+        raise BackboneError(
+            f"{spec!r} is an exported model, not a CLIP backbone: give it as a scorer's backbone "
+            "(--backbone onnx:DIR, get_scorer(name, backbone='onnx:DIR')), which runs it with onnxruntime"
+        )
     if spec.startswith("random:"):
         name = spec.removeprefix("random:").strip()
         if not name:
@@ -70,6 +78,11 @@ def parse_spec(spec: str) -> BackboneSpec:
             f"{spec} is a checkpoint file; name its architecture too, e.g. openclip:ViT-L-14-336-quickgelu@{spec}"
         )
     raise BackboneError(f"unknown backbone spec {spec!r}; accepted: {_SPEC_FORMS}")
+
+
+def is_onnx_spec(spec: object) -> bool:
+    """True for an ``onnx:DIR`` spec (an exported model, see :data:`ONNX_PREFIX`)."""
+    return isinstance(spec, str) and spec.strip().startswith(ONNX_PREFIX)
 
 
 def register_tiny_config() -> None:
@@ -133,6 +146,8 @@ def patch_size_of(spec: str) -> int | None:
     cannot be known before loading: Hub repos, unknown names)."""
     import json
 
+    if is_onnx_spec(spec):
+        return None  # the export's manifest holds its image size
     parsed = parse_spec(spec)
     if parsed.model == TINY_MODEL:
         config = json.loads((_CONFIG_DIR / f"{TINY_MODEL}.json").read_text(encoding="utf-8"))

@@ -2,8 +2,9 @@
 
 ``detect``, ``eval``, ``scorers``, ``serve`` (:mod:`vlad.cli.detect`, :mod:`vlad.cli.evaluate`, ...), ``train-adapter``
 and ``import-checkpoint`` (:mod:`vlad.cli.adapters`), ``chat`` and ``lvlm-check`` (:mod:`vlad.cli.chat`), ``rules``
-(:mod:`vlad.cli.rules`), ``make-dialogues`` (:mod:`vlad.cli.dialogues`) and ``train-lvlm``
-(:mod:`vlad.cli.train_lvlm`). What they share is in :mod:`vlad.cli.common`. No library module imports this package.
+(:mod:`vlad.cli.rules`), ``make-dialogues`` (:mod:`vlad.cli.dialogues`), ``train-lvlm``
+(:mod:`vlad.cli.train_lvlm`) and ``export`` (:mod:`vlad.cli.export`). What they share is in :mod:`vlad.cli.common`.
+No library module imports this package.
 
 Exit codes: 0 all good; 1 some images failed (the report still holds all the others); 2 usage error.
 """
@@ -16,13 +17,13 @@ import sys
 from collections.abc import Sequence
 
 from vlad import __version__
-from vlad.cli import adapters, chat, detect, dialogues, evaluate, rules, scorers, serve, train_lvlm
+from vlad.cli import adapters, chat, detect, dialogues, evaluate, export, rules, scorers, serve, train_lvlm
 from vlad.cli.common import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError, emit_json
 from vlad.errors import VladError
 
 logger = logging.getLogger("vlad")
 
-COMMAND_MODULES = (detect, evaluate, scorers, serve, adapters, chat, rules, dialogues, train_lvlm)
+COMMAND_MODULES = (detect, evaluate, scorers, serve, adapters, chat, rules, dialogues, train_lvlm, export)
 _HANDLERS: dict = {}
 
 __all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "UsageError", "build_parser", "emit_json", "main"]

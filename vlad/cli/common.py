@@ -165,7 +165,7 @@ def check_options(args: argparse.Namespace, *, has_references: bool) -> Any:
     Raises:
         UsageError: one line naming the option and what it accepts.
     """
-    from vlad.backbones.spec import patch_size_of
+    from vlad.backbones.spec import is_onnx_spec, patch_size_of
     from vlad.errors import BackboneError
     from vlad.scorers import scorer_facts
 
@@ -194,7 +194,8 @@ def check_options(args: argparse.Namespace, *, has_references: bool) -> Any:
             f"--tile: {args.scorer} scores each image against the others in its batch, so it cannot tile; "
             "drop --tile or use another scorer"
         )
-    if facts["needs_references"] and not has_references:
+    exported = is_onnx_spec(getattr(args, "backbone", None))  # an export holds its references
+    if facts["needs_references"] and not has_references and not exported:
         raise UsageError(
             f"{args.scorer} needs normal reference images: give them with --refs (detect) or --shots (eval)"
         )

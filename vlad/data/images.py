@@ -25,6 +25,8 @@ __all__ = [
     "MAX_ASPECT_RATIO",
     "MAX_PIXELS",
     "MIN_SIDE",
+    "ImageLike",
+    "as_pil",
     "expand_inputs",
     "load_image",
     "load_mask",
@@ -57,6 +59,9 @@ MIN_SIDE = 8
 ALPHA_BACKGROUND: tuple[int, int, int] = (128, 128, 128)
 """Neutral mid-grey that transparent pixels are composited onto (black would paint fake dark specks and edges)."""
 
+ImageLike = str | Path | Image.Image | np.ndarray
+"""What scorers accept as an image: a path, a PIL image or an (H, W[, 3|4]) uint8 array."""
+
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"LA", "La", "RGBA", "RGBa", "PA"})
@@ -87,6 +92,21 @@ def load_image(path: str | Path) -> Image.Image:
     """
     p = Path(path)
     return _to_rgb(_open_checked(p), p)
+
+
+def as_pil(image: ImageLike) -> Image.Image:
+    """Load a path (with vlad's checks) or wrap an array; always RGB."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise ConfigError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
+        if image.dtype != np.uint8:
+            raise ConfigError(f"image arrays must be uint8, got {image.dtype}")
+        return Image.fromarray(image[..., :3])
+    return load_image(image)
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -137,6 +137,8 @@ def _baseline(scorer: Any) -> _Baseline:
 
 def _prompt_block(scorer: Any) -> str | None:
     """Why the scorer cannot take prompt rules, or None when it can."""
+    if getattr(scorer, "baked", None):  # an exported model (vlad.export): its text prototypes are constants
+        return scorer.baked
     if getattr(scorer, "ensemble", None) is None:
         return f"scorer {scorer.name} has no prompt ensemble (it compares image features only)"
     if getattr(scorer, "uses_learned_text", False):
@@ -187,6 +189,8 @@ def _configure_transform(
         if getattr(scorer, "transform", None) is not baseline.transform:
             _set_transform(scorer, baseline.transform, references)
         return []
+    if getattr(scorer, "baked", None):  # an exported model: its feature transform is part of the graph
+        return [RuleHit(r.label, "not applicable", {"scorer": scorer.name, "reason": scorer.baked}) for r in rules]
     from vlad.laft import ConceptTransform, build_transform
 
     clauses = [("ignore" if isinstance(r, IgnoreConceptRule) else "guide", r.concept) for r in rules]

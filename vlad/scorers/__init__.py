@@ -101,8 +101,19 @@ def _check_name(name: str) -> None:
 def get_scorer(name: str, **config: Any) -> Scorer:
     """Build the scorer registered under ``name``; ``config`` goes to its constructor.
 
+    ``backbone="onnx:DIR"`` runs a model exported by ``vlad export --format onnx`` with onnxruntime
+    (:class:`~vlad.scorers.onnx_runtime.OnnxScorer`); ``name`` and the options must agree with its manifest.
+
     Example:
         >>> scorer = get_scorer("winclip", backbone="random:tiny")  # doctest: +SKIP
         >>> result = scorer.score("part.png", "bottle")  # doctest: +SKIP
     """
+    from vlad.backbones.spec import ONNX_PREFIX, is_onnx_spec
+
+    if is_onnx_spec(config.get("backbone")):  # an export run by onnxruntime: no torch, no open_clip
+        _check_name(name)
+        from vlad.scorers.onnx_runtime import OnnxScorer
+
+        spec = config.pop("backbone").strip()
+        return OnnxScorer(name, spec.removeprefix(ONNX_PREFIX), spec=spec, **config)  # type: ignore[return-value]
     return scorer_class(name)(**config)

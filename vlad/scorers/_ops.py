@@ -60,7 +60,8 @@ def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
 def min_cosine_distance(feats: torch.Tensor, memory: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """(B, N, D) vs (M, D), both L2-normalised -> (B, N) ``min over memory of (1 - cos)``."""
     flat = feats.reshape(-1, feats.shape[-1])
-    best = torch.cat([(chunk_f @ memory.T).amax(dim=-1) for chunk_f in flat.split(chunk)])
+    chunks = (flat,) if torch.compiler.is_exporting() else flat.split(chunk)  # exporting: a symbolic batch
+    best = torch.cat([(chunk_f @ memory.T).amax(dim=-1) for chunk_f in chunks])
     return (1.0 - best).reshape(feats.shape[:-1])
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,6 +25,7 @@ from PIL import Image
 
 from vlad.backbones import load_backbone
 from vlad.backbones.clip import ClipBackbone
+from vlad.data.images import ImageLike, as_pil  # re-exported: scorers and the pipeline import them from here
 from vlad.errors import ConfigError
 from vlad.result import AnomalyResult
 from vlad.scorers.tiling import DEFAULT_OVERLAP, Tiling, stitch
@@ -42,7 +42,6 @@ MIN_SCALE_FRACTION = 0.1
 
 logger = logging.getLogger(__name__)
 
-ImageLike = str | Path | Image.Image | np.ndarray
 Features = dict[str, torch.Tensor]
 
 PROFILES = ("paper", "vlad")
@@ -58,23 +57,6 @@ def check_profile(profile: str | None) -> str:
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
     return profile
-
-
-def as_pil(image: ImageLike) -> Image.Image:
-    """Load a path (with vlad's checks) or wrap an array; always RGB."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=-1)
-        if image.ndim != 3 or image.shape[-1] not in (3, 4):
-            raise ConfigError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
-        if image.dtype != np.uint8:
-            raise ConfigError(f"image arrays must be uint8, got {image.dtype}")
-        return Image.fromarray(image[..., :3])
-    from vlad.data.images import load_image
-
-    return load_image(image)
 
 
 class Scorer:
@@ -208,6 +190,17 @@ class Scorer:
     def _smooth(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, H, W) -> (B, H, W) post-processing at input resolution (none by default)."""
         return maps
+
+    @classmethod
+    def export_refusal(cls, options: dict[str, Any]) -> str | None:
+        """Why this scorer, built with ``options`` (constructor keywords), cannot become a fixed exported graph
+        (:mod:`vlad.export`), or None when it can. Checked before any model loads."""
+        if cls.transductive:
+            return (
+                f"{cls.name} is transductive: an image's score depends on the other images scored with it, so there "
+                "is no fixed per-image graph to export"
+            )
+        return None
 
     # ------------------------------------------------------------------ few-shot
     @property

@@ -136,6 +136,21 @@ class CraneScorer(Scorer):
 
     checkpoint_format: str | None = "crane"  # which official release carries this scorer's learned prompts
 
+    @classmethod
+    def export_refusal(cls, options: dict) -> str | None:
+        if not options.get("dattn"):
+            return super().export_refusal(options)
+        if options.get("profile") in (None, "paper"):
+            return (
+                f"{cls.name}'s paper-profile D-Attn takes one mean over the whole batch (the reference's computation), "
+                "so an image's map depends on its batch; export without --dattn"
+            )
+        return (
+            "Crane+ D-Attn keeps only the DINO similarities above a hard threshold, so the exported DINO tower's "
+            "rounding differences flip entries (maps differed from torch by up to 3e-3 on the test model); export "
+            "without --dattn"
+        )
+
     # ------------------------------------------------------------------ text
     def set_text_features(self, text: torch.Tensor | None) -> None:
         """Use these (2, D) [normal, anomalous] features instead of the prompt ensemble (learned prompts)."""

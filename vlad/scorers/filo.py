@@ -55,6 +55,7 @@ from vlad.result import POSITION_WORDS
 from vlad.scorers._ops import gaussian_blur, min_cosine_distance
 from vlad.scorers.base import Features
 from vlad.scorers.crane import CraneScorer
+from vlad.thresholds import Thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,9 @@ class FiloScorer(CraneScorer):
         return text
 
     # ------------------------------------------------------------------ HQ-Loc
-    def score_many(self, images, object_name: str = "object"):  # type: ignore[no-untyped-def]
+    def thresholds(self, object_name: str, *, tiled: bool = False) -> Thresholds:
+        """The thresholds for ``object_name`` (see the base class); scoring a product starts here, so this also
+        names the product for the detector's caption and notes when it gets the generic defect phrases."""
         name = object_name.strip() or "object"
         self._object_for_detector = name
         self._phrase_warning = None
@@ -241,10 +244,24 @@ class FiloScorer(CraneScorer):
             if name not in self._warned_generic:
                 self._warned_generic.add(name)
                 logger.warning(self._phrase_warning)
-        return super().score_many(images, object_name)
+        return super().thresholds(object_name, tiled=tiled)
+
+    @classmethod
+    def export_refusal(cls, options: dict) -> str | None:
+        if options.get("detector", "grounding-dino") != "none":
+            return (
+                "filo's HQ-Loc step runs a zero-shot object detector on every image, outside the CLIP graph; "
+                "export FiLo without it: --detector none"
+            )
+        return super().export_refusal(options)
 
     def _extract(self, x: torch.Tensor) -> Features:
         feats = super()._extract(x)
+        if self.detector is None:  # no HQ-Loc: all positions, no box weights (tensor ops only, so it exports)
+            b, size = x.shape[0], self.image_size
+            feats["position"] = torch.full((b,), float(ALL_POSITIONS), device=x.device)
+            feats["boxmask"] = torch.ones(b, size, size, device=x.device)
+            return feats
         positions, masks = [], []
         for image in self._to_pil(x):
             position, mask = self._locate(image)

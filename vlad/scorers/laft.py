@@ -58,6 +58,8 @@ def knn_distance(feats: torch.Tensor, memory: torch.Tensor, k: int) -> torch.Ten
         (B, N) mean of ``1 - cos`` over the k nearest memory rows (computed one image at a time).
     """
     k = min(k, memory.shape[0])
+    if torch.compiler.is_exporting():  # a symbolic batch (vlad.export): no loop over its size
+        return 1.0 - (feats @ memory.T).topk(k, dim=-1).values.mean(dim=-1)
     out = [1.0 - (f @ memory.T).topk(k, dim=-1).values.mean(dim=-1) for f in feats]
     return torch.stack(out)
 
