@@ -37,6 +37,7 @@ from PIL import Image
 
 from vlad.data.synthetic import ANOMALY_MODES, perlin_mask, synthesize_anomaly
 from vlad.errors import ConfigError
+from vlad.explain.evidence import downscale
 from vlad.regions import find_regions, position_word
 from vlad.result import AnomalyResult
 
@@ -107,7 +108,7 @@ def plan_samples(
     samples = []
     for i in range(n):
         source = order[i % len(order)]
-        image = _shrink(load(source), max_side)
+        image = downscale(load(source), max_side)
         pixels = np.asarray(image, dtype=np.uint8)
         h, w = pixels.shape[:2]
         if i % 2 == 0:
@@ -118,15 +119,6 @@ def plan_samples(
         bad, region = synthesize_anomaly(pixels, rng, mask=region, mode=mode)
         samples.append(Sample(i, source, True, mode, Image.fromarray(bad), region))
     return samples
-
-
-def _shrink(image: Image.Image, max_side: int) -> Image.Image:
-    img = image.convert("RGB")
-    scale = max_side / max(img.size)
-    if scale >= 1.0:
-        return img
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.LANCZOS)
 
 
 # ---------------------------------------------------------------------- records

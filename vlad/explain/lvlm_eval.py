@@ -22,6 +22,7 @@ from typing import Any
 
 from vlad.errors import ConfigError
 from vlad.explain.errors import LVLMError, LVLMUnavailable
+from vlad.explain.verdicts import VerdictCounts
 
 logger = logging.getLogger(__name__)
 
@@ -112,45 +113,23 @@ class BlindAsker:
 
 # ---------------------------------------------------------------------- statistics
 @dataclass
-class _Counts:
-    n: int = 0
-    positives: int = 0
-    true_pos: int = 0
-    true_neg: int = 0
-    yes: int = 0
-    parsed: int = 0
+class _Counts(VerdictCounts):
+    """:class:`~vlad.explain.verdicts.VerdictCounts` plus, in grounded mode, the disagreements with the detector and
+    who was right in them."""
+
     disagree: int = 0
     model_right: int = 0
     detector_right: int = 0
 
-    def add(self, label: bool, says: bool | None, detector: bool | None) -> None:
-        self.n += 1
-        self.positives += int(label)
-        if says is None:
-            return
-        self.parsed += 1
-        self.yes += int(says)
-        self.true_pos += int(label and says)
-        self.true_neg += int(not label and not says)
-        if detector is not None and says != detector:
+    def add(self, label: bool, says: bool | None, detector: bool | None = None) -> None:  # type: ignore[override]
+        super().add(label, says)
+        if says is not None and detector is not None and says != detector:
             self.disagree += 1
             self.model_right += int(says == label)
             self.detector_right += int(detector == label)
 
-    def summary(self, grounded: bool) -> dict[str, Any]:
-        negatives = self.n - self.positives
-        tpr = self.true_pos / self.positives if self.positives else None
-        tnr = self.true_neg / negatives if negatives else None
-        out = {
-            "n": self.n,
-            "n_anomalous": self.positives,
-            "accuracy": _ratio(self.true_pos + self.true_neg, self.n),
-            "balanced_accuracy": (tpr + tnr) / 2 if tpr is not None and tnr is not None else None,
-            "yes_rate": _ratio(self.yes, self.parsed),
-            "unparseable_rate": _ratio(self.n - self.parsed, self.n),
-            "unparseable": self.n - self.parsed,
-            "always_yes_accuracy": _ratio(self.positives, self.n),
-        }
+    def summary(self, grounded: bool = False) -> dict[str, Any]:  # type: ignore[override]
+        out = super().summary()
         if grounded:
             out.update(
                 disagreements=self.disagree,

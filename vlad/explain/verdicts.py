@@ -17,7 +17,9 @@ from vlad.errors import ConfigError
 
 
 @dataclass
-class _Counts:
+class VerdictCounts:
+    """Running counts of yes/no verdicts against ground truth (an unparseable verdict is ``None``)."""
+
     n: int = 0
     positives: int = 0  # ground-truth anomalous images
     true_pos: int = 0
@@ -49,6 +51,7 @@ class _Counts:
             "true_negative_rate": tnr,
             "yes_rate": _ratio(self.yes, self.parsed),
             "unparseable_rate": _ratio(self.n - self.parsed, self.n),
+            "unparseable": self.n - self.parsed,
             "always_yes_accuracy": _ratio(self.positives, self.n),
         }
 
@@ -73,8 +76,8 @@ class VerdictTracker:
     """Collects (category, ground truth, report) triples and summarises the model's verdict accuracy."""
 
     def __init__(self) -> None:
-        self._per_class: dict[str, _Counts] = defaultdict(_Counts)
-        self._all = _Counts()
+        self._per_class: dict[str, VerdictCounts] = defaultdict(VerdictCounts)
+        self._all = VerdictCounts()
 
     def add(self, category: str, label: bool | int, report: Any) -> None:
         """Records one image.
