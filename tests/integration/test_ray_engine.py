@@ -120,6 +120,10 @@ def test_an_interrupted_local_run_resumes_where_it_stopped(monkeypatch, sample_i
     assert len(again) == 3
     assert len({r[FINGERPRINT_KEY] for r in again}) == 1
     assert again[0][FINGERPRINT_KEY] != rows[0][FINGERPRINT_KEY]
+    # so does another product name (argparse keeps the last --object)
+    assert _detect(sample_images, out, "--sensitivity", "0.9", "--object", "screw") == 0
+    assert "resuming" not in capsys.readouterr().err
+    assert {r["object"] for r in _rows(out)} == {"screw"}
 
 
 def test_an_interrupted_ray_run_resumes_and_gives_the_local_rows(ray_local, monkeypatch, inputs, tmp_path, capsys):

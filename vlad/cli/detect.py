@@ -72,7 +72,8 @@ def _detect_rows(
 
     settings, refs = det.settings(), engine.get("refs")
     outputs = {"overlays": not args.no_overlay, "full_res": args.full_res_overlay, "maps": args.save_maps}
-    log = ReportLog(out, settings_fingerprint(settings, references=refs, outputs=outputs), resume=not args.fresh)
+    scored_as = {**settings, "object": args.object_name}  # the product name changes prompts and scores too
+    log = ReportLog(out, settings_fingerprint(scored_as, references=refs, outputs=outputs), resume=not args.fresh)
     writer = RecordWriter(
         out, log, settings, _names(files), explain=det.explainer is not None, save_maps=args.save_maps
     )
