@@ -142,3 +142,49 @@ def test_overlays_are_bounded_unless_full_res_and_come_with_a_legend(tiny_backbo
     (plain,) = Detector("winclip", backbone=tiny_backbone).inspect_many([wide], "texture")
     assert plain.overlay is None
     assert plain.legend is None
+
+
+def test_inputs_are_decoded_at_most_a_batch_ahead_of_the_model(tiny_backbone, monkeypatch):
+    """12 inputs, batches of 2: when the first record comes out, at most the first batch, the next one queued and one
+    in the decoder's hands have been decoded, however long the decoder has had."""
+    import time
+
+    import vlad.pipeline as pipeline
+
+    decoded: list[int] = []
+    real = pipeline._load
+
+    def counting(item):
+        decoded.append(1)
+        return real(item)
+
+    monkeypatch.setattr(pipeline, "_load", counting)
+    det = Detector("winclip", backbone=tiny_backbone, batch_size=2)
+    images = [np.full((32, 32, 3), 10 * i, dtype=np.uint8) for i in range(12)]
+    stream = det.iter_inspect(images, "texture")
+    first = next(stream)
+    time.sleep(0.5)
+    assert first.index == 0
+    assert len(decoded) <= 2 + 2 + 1
+    rest = list(stream)
+    assert [r.index for r in [first, *rest]] == list(range(12))
+    assert len(decoded) == 12
+
+
+def test_an_unexpected_decoding_error_reaches_the_caller(tiny_backbone, monkeypatch):
+    import vlad.pipeline as pipeline
+
+    real = pipeline._load
+
+    def failing(item):
+        if int(item[0, 0, 0]) == 30:
+            raise RuntimeError("decoder crashed")
+        return real(item)
+
+    monkeypatch.setattr(pipeline, "_load", failing)
+    det = Detector("winclip", backbone=tiny_backbone, batch_size=1)
+    images = [np.full((32, 32, 3), 10 * i, dtype=np.uint8) for i in range(6)]
+    stream = det.iter_inspect(images, "texture")
+    assert [next(stream).index for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="decoder crashed"):
+        next(stream)
