@@ -18,13 +18,13 @@ another CLIP and the import is refused unless ``force``.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from vlad.errors import ConfigError
+from vlad.resources import file_sha256
 
 FORMATS: dict[str, dict[str, Any]] = {
     "crane": {"scorer": "crane", "attention": "qq+kk+vv", "ignored": ()},
@@ -242,7 +242,7 @@ def _write_adapter(
             "format": fmt,
             "scorer": spec["scorer"],
             "source_file": path.name,
-            "sha256": _sha256(path),
+            "sha256": file_sha256(path),
             "ignored_keys": ignored,
         },
         profile="paper",
@@ -250,11 +250,3 @@ def _write_adapter(
     tensors = {"ctx_pos": ctx[0].contiguous(), "ctx_neg": ctx[1].contiguous()}
     tensors.update({f"{DEEP_PREFIX}{i}": d.contiguous() for i, d in enumerate(deep)})
     return save_adapter(Adapter(meta, tensors), out, overwrite=overwrite)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

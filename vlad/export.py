@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 from vlad._optional import require
 from vlad._version import __version__
 from vlad.errors import ConfigError, VladError
-from vlad.scorers.onnx_runtime import INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, OUTPUT_NAMES, sha256
+from vlad.resources import file_sha256
+from vlad.scorers.onnx_runtime import INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, OUTPUT_NAMES
 
 if TYPE_CHECKING:
     from vlad.data.images import ImageLike
@@ -345,8 +346,8 @@ def _manifest(
         "prompt_phrases": scorer.prompt_phrases(object_name),
         "warnings": notes,
         "check": check,
-        "model": {"file": MODEL_FILE, "sha256": sha256(model), "bytes": model.stat().st_size},
-        "external_data": {p.name: sha256(p) for p in data},
+        "model": {"file": MODEL_FILE, "sha256": file_sha256(model), "bytes": model.stat().st_size},
+        "external_data": {p.name: file_sha256(p) for p in data},
     }
 
 

@@ -5,6 +5,7 @@ In a wheel they live under ``vlad/_bundled/``; in a source checkout they are the
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -47,3 +48,12 @@ def load_prompt_file(name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
     return data
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks (provenance of imported checkpoints and exported models)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

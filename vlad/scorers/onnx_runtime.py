@@ -16,7 +16,6 @@ apply to the results as usual.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -32,6 +31,7 @@ from vlad._optional import require
 from vlad.backbones.spec import ONNX_PREFIX
 from vlad.data.images import ImageLike, as_pil
 from vlad.errors import ConfigError
+from vlad.resources import file_sha256
 from vlad.result import AnomalyResult
 from vlad.thresholds import Thresholds, check_sensitivity
 
@@ -84,7 +84,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     model = folder / MODEL_FILE
     if not model.is_file():
         raise ConfigError(f"{folder} has a manifest but no {MODEL_FILE}")
-    if sha256(model) != manifest["model"]["sha256"]:
+    if file_sha256(model) != manifest["model"]["sha256"]:
         raise ConfigError(f"{model} does not match the SHA-256 in its manifest: the file changed since the export")
     return manifest
 
@@ -351,12 +351,3 @@ def _interp(m: np.ndarray, i0: np.ndarray, i1: np.ndarray, w1: np.ndarray, *, ax
     a, b = np.take(m, i0, axis=axis), np.take(m, i1, axis=axis)
     w = w1[:, None] if axis == 0 else w1[None, :]
     return a * (np.float32(1.0) - w) + b * w
-
-
-def sha256(path: Path) -> str:
-    """The hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
